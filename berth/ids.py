@@ -1,0 +1,98 @@
+"""Instance ids and every broker key or task id derived from them.
+
+One fixed format keeps per-guest names unambiguous: an id is 1-40 characters
+of lowercase letters, digits and hyphens, starting with a letter and not
+ending with a hyphen. It never holds a dot, so a task id ``<id>.<step>`` or
+a key ``celery-task-meta-<id>.*`` can never be read as belonging to an
+instance whose id is a prefix of this one (``db-1`` vs ``db-10``).
+"""
+
+from __future__ import annotations
+
+import re
+
+INSTANCE_ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+INSTANCE_ID_FORMAT = (
+    "1-40 characters: lowercase letters, digits and '-', starting with a letter "
+    "and not ending with '-' (e.g. db-1)"
+)
+
+# kombu's Redis transport: list per priority step, joined with this separator.
+KOMBU_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+class InvalidInstanceId(ValueError):
+    """An instance id that does not have the one documented format."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(f"invalid instance id {value!r}: expected {INSTANCE_ID_FORMAT}")
+        self.value = value
+
+
+def validate_instance_id(value: object) -> str:
+    """Return ``value`` if it is a well-formed instance id, else raise InvalidInstanceId."""
+    if not isinstance(value, str) or not INSTANCE_ID_RE.match(value):
+        raise InvalidInstanceId(value)
+    return value
+
+
+def guest_queue(instance_id: str) -> str:
+    """The name of the one queue a guest consumes."""
+    return f"guest.{instance_id}"
+
+
+def queue_lists(instance_id: str) -> list[str]:
+    """Every Redis list that holds the guest queue's messages (one per priority step)."""
+    name = guest_queue(instance_id)
+    return [name if p == 0 else f"{name}{KOMBU_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+def binding_keys(instance_id: str) -> list[str]:
+    """The binding sets kombu keeps for the guest queue's direct exchange."""
+    name = guest_queue(instance_id)
+    return [f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}"]
+
+
+def binding_member(instance_id: str) -> str:
+    """The member that marks ``guest.ID`` as bound to its exchange (routing key, pattern, queue)."""
+    name = guest_queue(instance_id)
+    return KOMBU_SEP.join([name, "", name])
+
+
+def task_id(instance_id: str, step: str) -> str:
+    """A deterministic task id, prefixed with the instance id."""
+    return f"{instance_id}.{step}"
+
+
+def ping_task_id(instance_id: str, attempt: int) -> str:
+    return task_id(instance_id, f"ping.{attempt}")
+
+
+def prepare_task_id(instance_id: str) -> str:
+    return task_id(instance_id, "prepare")
+
+
+def result_key(task_id_: str) -> str:
+    return f"{RESULT_KEY_PREFIX}{task_id_}"
+
+
+def unacked_keys(instance_id: str) -> dict[str, str]:
+    """Per-guest names for kombu's ack-emulation keys (transport options)."""
+    return {
+        "unacked_key": f"unacked.{instance_id}",
+        "unacked_index_key": f"unacked_index.{instance_id}",
+        "unacked_mutex_key": f"unacked_mutex.{instance_id}",
+    }
+
+
+def record_key(instance_id: str) -> str:
+    return f"berth:instance:{instance_id}"
+
+
+def secrets_key(instance_id: str) -> str:
+    return f"berth:secrets:{instance_id}"
+
+
+RECORD_INDEX_KEY = "berth:instances"

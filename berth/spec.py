@@ -1,0 +1,191 @@
+"""What a provisioning request may contain, validated the same way at every entry point.
+
+The CLI, the `workflows.provision` task, `provision_chain()` and `taskmanager.create_queue`
+all call `validate_request`; the guest re-checks what reaches it. Messages name the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
+
+DATASTORES: dict[str, frozenset[str]] = {
+    # datastore -> configuration keys it accepts
+    "redis": frozenset({"maxmemory", "maxmemory-policy"}),
+    "noop": frozenset({"prepare_seconds", "fail"}),
+}
+BOOT_DRIVERS = ("local", "none")
+
+USER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+DATABASE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# Printable ASCII without spaces: safe in an ACL rule and in a shell command line.
+PASSWORD_RE = re.compile(r"^[\x21-\x7e]{8,128}$")
+CONFIG_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_USERS = 16
+MAX_DATABASES = 16
+MAX_FAIL_MESSAGE = 200
+RESERVED_USER_NAMES = frozenset({"default", "berth-admin"})
+
+
+class InvalidField(ValueError):
+    """A request field that is missing, malformed or out of range."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(field_name, problem)
+        self.field = field_name
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    instance_id: str
+    datastore: str
+    boot: str
+    boot_delay_s: float
+    ping_deadline_s: float
+    prepare_deadline_s: float
+    users: tuple[User, ...]
+    databases: tuple[str, ...]
+    config: Mapping[str, Any]
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The request as JSON-serialisable keyword arguments (passwords included)."""
+        data = asdict(self)
+        data["users"] = [{"name": u.name, "password": u.password} for u in self.users]
+        data["databases"] = list(self.databases)
+        data["config"] = dict(self.config)
+        return data
+
+    def public(self) -> dict[str, Any]:
+        """The request without passwords: what may be logged, shown or stored."""
+        data = self.task_kwargs()
+        data["users"] = [u.name for u in self.users]
+        return data
+
+
+def check_instance_id(value: object) -> str:
+    if not isinstance(value, str) or not INSTANCE_ID_RE.match(value):
+        raise InvalidField("instance_id", f"{value!r} is not valid: expected {INSTANCE_ID_FORMAT}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Any) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidField(name, f"unknown {name} {value!r}: expected one of {', '.join(sorted(choices))}")
+    return value
+
+
+def check_seconds(name: str, value: object, *, low: float, high: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidField(name, f"{value!r} is not a number of seconds")
+    seconds = float(value)
+    if seconds < low or seconds > high or (seconds == 0 and not allow_zero):
+        raise InvalidField(name, f"{seconds:g} s is out of range ({low:g} to {high:g} s)")
+    return seconds
+
+
+def check_user(value: object, index: int) -> User:
+    where = f"users[{index}]"
+    if not isinstance(value, Mapping) or set(value) != {"name", "password"}:
+        raise InvalidField(where, "expected an object with exactly 'name' and 'password'")
+    name, password = value["name"], value["password"]
+    if not isinstance(name, str) or not USER_NAME_RE.match(name) or name in RESERVED_USER_NAMES:
+        raise InvalidField(f"{where}.name", f"{name!r} is not a valid user name (letter first, then "
+                           "letters, digits, '_' or '-', at most 32; not 'default' or 'berth-admin')")
+    # Never echo the password itself: this message may reach a log.
+    if not isinstance(password, str) or not PASSWORD_RE.match(password):
+        raise InvalidField(f"{where}.password", "must be 8-128 printable ASCII characters without spaces")
+    return User(name, password)
+
+
+def check_users(value: object) -> tuple[User, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidField("users", "expected a list of {name, password} objects")
+    if len(value) > MAX_USERS:
+        raise InvalidField("users", f"at most {MAX_USERS} users")
+    users = tuple(check_user(item, i) for i, item in enumerate(value))
+    names = [u.name for u in users]
+    if len(set(names)) != len(names):
+        raise InvalidField("users", "user names must be unique")
+    return users
+
+
+def check_databases(value: object) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidField("databases", "expected a list of database names")
+    if len(value) > MAX_DATABASES:
+        raise InvalidField("databases", f"at most {MAX_DATABASES} databases")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not DATABASE_NAME_RE.match(name):
+            raise InvalidField(f"databases[{i}]", f"{name!r} is not a valid database name "
+                               "(lowercase letter first, then lowercase letters, digits or '_', at most 32)")
+    if len(set(value)) != len(value):
+        raise InvalidField("databases", "database names must be unique")
+    return tuple(value)
+
+
+def check_config(datastore: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidField("config", "expected an object")
+    allowed = DATASTORES[datastore]
+    for key, item in value.items():
+        if key not in allowed:
+            raise InvalidField(f"config.{key}", f"not a setting of the {datastore} datastore "
+                               f"(accepted: {', '.join(sorted(allowed))})")
+        if key == "prepare_seconds":
+            check_seconds("config.prepare_seconds", item, low=0, high=3600, allow_zero=True)
+        elif key == "fail":
+            if not isinstance(item, str) or not 0 < len(item) <= MAX_FAIL_MESSAGE:
+                raise InvalidField("config.fail", f"expected a message of 1-{MAX_FAIL_MESSAGE} characters")
+        elif not isinstance(item, str) or not CONFIG_VALUE_RE.match(item):
+            raise InvalidField(f"config.{key}", "expected a short word (letters, digits, '_', '.', '-')")
+    return dict(value)
+
+
+def validate_request(
+    instance_id: object,
+    *,
+    datastore: object = "noop",
+    boot: object = "local",
+    boot_delay_s: object = 0.0,
+    ping_deadline_s: object,
+    prepare_deadline_s: object,
+    users: object = (),
+    databases: object = (),
+    config: object = None,
+    limits: Mapping[str, float],
+) -> ProvisionRequest:
+    """Check every field of a provisioning request; raise InvalidField naming the first bad one.
+
+    ``limits`` holds the upper bounds from the settings (berth_*_max_s).
+    """
+    store = check_choice("datastore", datastore, DATASTORES)
+    return ProvisionRequest(
+        instance_id=check_instance_id(instance_id),
+        datastore=store,
+        boot=check_choice("boot", boot, BOOT_DRIVERS),
+        boot_delay_s=check_seconds("boot_delay_s", boot_delay_s, low=0,
+                                   high=limits["boot_delay_max_s"], allow_zero=True),
+        ping_deadline_s=check_seconds("ping_deadline_s", ping_deadline_s, low=0.1,
+                                      high=limits["ping_deadline_max_s"]),
+        prepare_deadline_s=check_seconds("prepare_deadline_s", prepare_deadline_s, low=0.1,
+                                         high=limits["prepare_deadline_max_s"]),
+        users=check_users(users),
+        databases=check_databases(databases),
+        config=check_config(store, config),
+    )

@@ -1,0 +1,90 @@
+"""Every Celery and Berth setting in one place, each with its unit and why.
+
+Each value can be overridden by the environment variable named beside it.
+Berth's own settings carry the ``berth_`` prefix and their unit in their name.
+`berth.config.check_settings` refuses combinations that could lose or repeat work.
+"""
+
+from __future__ import annotations
+
+import os
+
+from berth.paths import broker_url_file
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number of seconds") from exc
+
+
+def _default_broker_url() -> str:
+    # A broker started by `make run` writes its URL here, so a second shell needs no setting.
+    try:
+        return broker_url_file().read_text().strip()
+    except OSError:
+        return "redis://127.0.0.1:6379/0"
+
+
+# --- Broker and result backend -------------------------------------------------------------
+broker_url = os.environ.get("CELERY_BROKER_URL") or _default_broker_url()
+result_backend = os.environ.get("CELERY_RESULT_BACKEND") or broker_url
+broker_connection_retry_on_startup = True
+# A provisioning request against a broker that is down fails in seconds, not minutes.
+broker_connection_timeout = _env_float("BERTH_BROKER_CONNECT_TIMEOUT_S", 4.0)
+broker_transport_options = {
+    # Seconds a message may stay unacknowledged before Redis hands it to another consumer.
+    # Must exceed the longest task (a prepare, bounded by berth_prepare_deadline_max_s) plus margin,
+    # or a long prepare runs twice at once.
+    "visibility_timeout": _env_float("BERTH_VISIBILITY_TIMEOUT_S", 3600.0),
+    "socket_connect_timeout": 2.0,
+}
+# A publish against a broker that is down gives up after ~1.5 s and raises, instead of hanging.
+task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
+# Seconds a task result stays in Redis (delete removes an instance's results earlier).
+result_expires = int(_env_float("BERTH_RESULT_EXPIRES_S", 86400.0))
+# Results never carry task arguments (they would hold prepare's passwords).
+result_extended = False
+
+# --- Serialisation ---------------------------------------------------------------------------
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# --- Delivery --------------------------------------------------------------------------------
+task_default_queue = "taskmanager"
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = True
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = True
+
+# --- Berth: provisioning deadlines and backoff (seconds) -------------------------------------
+# Trove waited up to 1,800 s for a guest; Berth gives up on an unreachable guest after this.
+berth_ping_deadline_s = _env_float("BERTH_PING_DEADLINE_S", 60.0)
+# Time a guest has to finish prepare once it has been sent; also the prepare message's expiry.
+berth_prepare_deadline_s = _env_float("BERTH_PREPARE_DEADLINE_S", 300.0)
+# Upper bounds accepted for per-instance deadlines (kept far below the visibility timeout).
+berth_ping_deadline_max_s = _env_float("BERTH_PING_DEADLINE_MAX_S", 1800.0)
+berth_prepare_deadline_max_s = _env_float("BERTH_PREPARE_DEADLINE_MAX_S", 1800.0)
+berth_boot_delay_max_s = _env_float("BERTH_BOOT_DELAY_MAX_S", 600.0)
+# Ping retries: base * 2**attempt, capped. The cap bounds how late a late guest is noticed.
+berth_ping_backoff_base_s = _env_float("BERTH_PING_BACKOFF_BASE_S", 0.1)
+berth_ping_backoff_cap_s = _env_float("BERTH_PING_BACKOFF_CAP_S", 1.0)
+# Only the first ping waits for its pong inside the task, and only this long: a live guest
+# answers in milliseconds, and a late one must not hold a taskmanager slot.
+berth_ping_reply_wait_s = _env_float("BERTH_PING_REPLY_WAIT_S", 0.2)
+# Checks for prepare's result: the same shape as the ping's.
+berth_verify_backoff_base_s = _env_float("BERTH_VERIFY_BACKOFF_BASE_S", 0.05)
+berth_verify_backoff_cap_s = _env_float("BERTH_VERIFY_BACKOFF_CAP_S", 1.0)
+berth_verify_reply_wait_s = _env_float("BERTH_VERIFY_REPLY_WAIT_S", 0.2)
+# How long a stopped guest gets to finish its current task before it is killed.
+berth_guest_stop_timeout_s = _env_float("BERTH_GUEST_STOP_TIMEOUT_S", 10.0)
+# How long `python -m workflows provision --wait` waits for a taskmanager to pick the request up.
+berth_pickup_timeout_s = _env_float("BERTH_PICKUP_TIMEOUT_S", 15.0)

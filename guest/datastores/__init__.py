@@ -1,0 +1,33 @@
+"""Datastore managers: what prepare sets up inside the guest.
+
+A manager's prepare must be safe to repeat: a guest killed half-way through gets the
+same prepare again and finishes the job without doing any part twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from guest.errors import InvalidMessage
+
+
+class Manager(Protocol):
+    name: str
+
+    def prepare(self, users: list[dict[str, str]], databases: list[str], config: dict[str, Any]) -> dict[str, Any]:
+        """Set the datastore up; return how to connect (never a password)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        ...
+
+
+def get_manager(datastore: str, home: Path) -> Manager:
+    from guest.datastores.noop import NoopManager
+    from guest.datastores.redis import RedisManager
+
+    managers: dict[str, type[Manager]] = {"redis": RedisManager, "noop": NoopManager}
+    if datastore not in managers:
+        raise InvalidMessage(f"unknown datastore {datastore!r}")
+    return managers[datastore](home)

@@ -1,0 +1,30 @@
+"""A datastore that only takes time: for drills and benchmarks.
+
+config: ``prepare_seconds`` (how long prepare takes), ``fail`` (prepare raises this message).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from guest.errors import PrepareError
+
+
+class NoopManager:
+    name = "noop"
+
+    def __init__(self, home: Path) -> None:
+        self.marker = home / "noop.json"
+
+    def prepare(self, users: list[dict[str, str]], databases: list[str], config: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(config.get("prepare_seconds", 0)))
+        if config.get("fail"):
+            raise PrepareError(str(config["fail"]))
+        self.marker.write_text(json.dumps({"users": [u["name"] for u in users], "databases": databases}))
+        return {"datastore": self.name, "users": [u["name"] for u in users], "databases": databases}
+
+    def status(self) -> dict[str, Any]:
+        return {"datastore": self.name, "status": "running" if self.marker.exists() else "not prepared"}

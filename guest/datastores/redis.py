@@ -1,0 +1,128 @@
+"""A real Redis datastore: prepare starts a redis-server for the instance and creates its users.
+
+Each requested user becomes an ACL user with the password the requester gave, allowed only
+the key namespaces ``<database>:*`` of the requested databases. The guest keeps an admin
+user of its own (random password, on the guest's disk) and turns the default user off.
+Every step is safe to repeat: a running server is reused, ``ACL SETUSER ... reset`` rewrites
+a user from scratch, and the ACL file is saved after each prepare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from berth.broker import free_port, redis_server_binary
+from guest.errors import PrepareError
+
+ADMIN_USER = "berth-admin"
+START_TIMEOUT_S = 10.0
+# Users may do anything to their own keys, nothing to the server or other namespaces.
+USER_RULES = ("resetchannels", "+@all", "-@dangerous")
+
+
+class RedisManager:
+    name = "redis"
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "redis"
+        self.state_file = self.dir / "state.json"
+
+    def _state(self) -> dict[str, Any]:
+        """Port and admin password, chosen once per guest and kept on its disk."""
+        if self.state_file.exists():
+            return dict(json.loads(self.state_file.read_text()))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {"port": free_port(), "admin_password": secrets.token_urlsafe(24)}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.state_file)
+        return state
+
+    def _admin(self, state: dict[str, Any]) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=state["port"], username=ADMIN_USER,
+                           password=state["admin_password"], socket_connect_timeout=1.0,
+                           socket_timeout=5.0, decode_responses=True,
+                           # A probe of a server that is not up yet must fail at once, not retry.
+                           retry=Retry(NoBackoff(), 0))
+
+    def _answers(self, state: dict[str, Any]) -> bool:
+        try:
+            return bool(self._admin(state).ping())
+        except redis.RedisError:
+            return False
+
+    def _write_config(self, state: dict[str, Any], config: dict[str, Any]) -> Path:
+        acl = self.dir / "users.acl"
+        if not acl.exists():
+            acl.write_text(f"user default off\nuser {ADMIN_USER} on >{state['admin_password']} ~* &* +@all\n")
+            os.chmod(acl, 0o600)
+        lines = [f"port {state['port']}", "bind 127.0.0.1", f"dir {self.dir}", f"aclfile {acl}",
+                 "appendonly yes", f"logfile {self.dir / 'redis.log'}", "daemonize no",
+                 f"pidfile {self.dir / 'redis.pid'}"]
+        lines += [f"{key} {value}" for key, value in sorted(config.items())]
+        conf = self.dir / "redis.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def _start(self, state: dict[str, Any], config: dict[str, Any]) -> None:
+        conf = self._write_config(state, config)
+        with open(self.dir / "server.out", "ab") as out:
+            proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise PrepareError(f"redis-server did not start: {self._last_error()}")
+            if self._answers(state):
+                return
+            time.sleep(0.05)
+        proc.kill()
+        raise PrepareError(f"redis-server did not answer within {START_TIMEOUT_S:g} s")
+
+    def _last_error(self) -> str:
+        text = ""
+        for name in ("server.out", "redis.log"):
+            path = self.dir / name
+            if path.exists():
+                text += path.read_text(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        fatal = [i for i, line in enumerate(lines) if "FATAL" in line]
+        if fatal:
+            # Redis explains a config error on the lines after its FATAL banner.
+            return " ".join(lines[fatal[-1] + 1:])[:300] or lines[fatal[-1]]
+        return (lines or ["no output"])[-1][:300]
+
+    def prepare(self, users: list[dict[str, str]], databases: list[str], config: dict[str, Any]) -> dict[str, Any]:
+        state = self._state()
+        if not self._answers(state):
+            self._start(state, config)
+        admin = self._admin(state)
+        patterns = [f"~{db}:*" for db in databases]
+        try:
+            for user in users:
+                admin.execute_command("ACL", "SETUSER", user["name"], "reset", "on",
+                                      f">{user['password']}", *patterns, *USER_RULES)
+            admin.execute_command("ACL", "SAVE")
+        except redis.RedisError as exc:
+            raise PrepareError(f"creating users failed: {type(exc).__name__}") from None
+        return {"datastore": self.name, "host": "127.0.0.1", "port": state["port"],
+                "users": [u["name"] for u in users], "databases": databases,
+                "key_prefixes": [f"{db}:" for db in databases]}
+
+    def status(self) -> dict[str, Any]:
+        if not self.state_file.exists():
+            return {"datastore": self.name, "status": "not prepared"}
+        state = self._state()
+        return {"datastore": self.name, "port": state["port"],
+                "status": "running" if self._answers(state) else "down"}

@@ -1,0 +1,52 @@
+"""The guest's record of prepares, on its own disk: what makes prepare idempotent.
+
+A prepare id is recorded as done only after the datastore step finished; a redelivered
+prepare with a recorded id returns the recorded result and applies nothing. Deliveries and
+applications are counted so that an operator can audit "delivered N, applied once".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class Journal:
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / "prepare.json"
+
+    def read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"deliveries": {}, "applied": {}, "results": {}}
+        return dict(json.loads(self.path.read_text()))
+
+    def _write(self, data: dict[str, Any]) -> None:
+        # Write-then-rename: a guest killed mid-write leaves the old journal, never half of one.
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def delivered(self, prepare_id: str) -> int:
+        data = self.read()
+        data["deliveries"][prepare_id] = data["deliveries"].get(prepare_id, 0) + 1
+        self._write(data)
+        return int(data["deliveries"][prepare_id])
+
+    def result(self, prepare_id: str) -> dict[str, Any] | None:
+        return self.read()["results"].get(prepare_id)
+
+    def applied(self, prepare_id: str, result: dict[str, Any]) -> None:
+        data = self.read()
+        data["applied"][prepare_id] = data["applied"].get(prepare_id, 0) + 1
+        data["results"][prepare_id] = result
+        self._write(data)
+
+    def counts(self, prepare_id: str) -> tuple[int, int]:
+        data = self.read()
+        return int(data["deliveries"].get(prepare_id, 0)), int(data["applied"].get(prepare_id, 0))

@@ -1,0 +1,37 @@
+"""What the `local` boot driver runs: wait out the boot delay, then become the guest agent.
+
+    python -m guest.launch --instance-id ID [--boot-delay S]
+
+The process keeps its pid through exec, so the driver's pidfile names the agent itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
+
+
+def agent_command(instance_id: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "guest", "worker", "--instance-id", instance_id,
+            "--pool", "solo", "--concurrency", "1", "--hostname", f"guest-{instance_id}@%h",
+            "--without-gossip", "--without-mingle", "--task-events", "--loglevel", "INFO"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m guest.launch")
+    parser.add_argument("--instance-id", required=True)
+    parser.add_argument("--boot-delay", type=float, default=0.0, help="seconds to wait, like a slow VM")
+    args = parser.parse_args(argv)
+    if not INSTANCE_ID_RE.match(args.instance_id):
+        parser.error(f"--instance-id {args.instance_id!r}: expected {INSTANCE_ID_FORMAT}")
+    time.sleep(max(0.0, args.boot_delay))
+    command = agent_command(args.instance_id)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Boot drivers: how a guest comes to life.
+
+``local`` starts the guest agent as a child process on this host, the way a cloud would
+boot a VM with the agent inside (an optional boot delay plays a slow VM); it stops the
+guest's whole process group, datastore included. ``none`` expects someone else to start
+``celery -A guest worker --instance-id ID``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from berth.paths import PROJECT_DIR, berth_home, guest_dir, guests_root
+
+PIDFILE = "agent.pid"
+BOOTED_BY = "booted_by"
+# Popen handles of guests this process started, so that their exit status is reaped.
+_children: dict[str, subprocess.Popen[bytes]] = {}
+
+
+class BootDriver(Protocol):
+    name: str
+
+    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]: ...
+
+    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool: ...
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def pid_alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live process (not a zombie) is still in process group pgid."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(entry.name)
+            if fields and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
+def _reap() -> None:
+    for instance_id, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[instance_id]
+
+
+class NoneDriver:
+    """The guest is started elsewhere (another host, an operator, a test)."""
+
+    name = "none"
+
+    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]:
+        return {"driver": self.name}
+
+    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool:
+        return False
+
+
+class LocalDriver:
+    """The guest agent as a child process of this host, in a process group of its own."""
+
+    name = "local"
+
+    def recorded_pid(self, instance_id: str) -> int | None:
+        """The pid the guest was started with; also its process group id."""
+        try:
+            return int((guest_dir(instance_id) / PIDFILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def pid(self, instance_id: str) -> int | None:
+        """The guest agent's pid if it is running."""
+        pid = self.recorded_pid(instance_id)
+        return pid if pid is not None and pid_alive(pid) else None
+
+    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]:
+        """Start the guest unless it already runs (a redelivered boot starts no second one)."""
+        _reap()
+        running = self.pid(instance_id)
+        if running:
+            return {"driver": self.name, "pid": running, "already_running": True}
+        home = guest_dir(instance_id)
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "BERTH_HOME": str(berth_home()),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
+        with open(home / "agent.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "guest.launch", "--instance-id", instance_id,
+                 "--boot-delay", f"{delay_s:g}"],
+                cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+        (home / PIDFILE).write_text(str(proc.pid))
+        (home / BOOTED_BY).write_text(booted_by)
+        _children[instance_id] = proc
+        return {"driver": self.name, "pid": proc.pid, "already_running": False}
+
+    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool:
+        """SIGTERM the guest's process group, SIGKILL what is left after timeout_s.
+
+        The whole group goes, so a datastore left behind by a crashed agent goes too.
+        """
+        pid = self.recorded_pid(instance_id)
+        if pid is None or not group_alive(pid):
+            (guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+            return False
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while group_alive(pid) and time.monotonic() < deadline:
+            _reap()
+            time.sleep(0.05)
+        _signal_group(pid, signal.SIGKILL)
+        (guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+        _reap()
+        return True
+
+    def stop_all(self, booted_by: str | None = None, timeout_s: float = 10.0) -> list[str]:
+        """Stop every local guest (or only those booted by one taskmanager node)."""
+        stopped = []
+        for pidfile in sorted(guests_root().glob(f"*/{PIDFILE}")):
+            home = pidfile.parent
+            owner = (home / BOOTED_BY).read_text() if (home / BOOTED_BY).exists() else None
+            if booted_by is None or owner == booted_by:
+                if self.stop(home.name, timeout_s):
+                    stopped.append(home.name)
+        return stopped
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+DRIVERS: dict[str, BootDriver] = {"local": LocalDriver(), "none": NoneDriver()}

@@ -1,0 +1,73 @@
+"""Guest queues: declared by the taskmanager before anything is sent, then published to.
+
+On Redis a queue is a list per priority step plus kombu's binding sets; `declare` writes the
+binding (the list appears with the first message), `exists` reads it back, and `publish`
+refuses to send to a queue that was never declared rather than let the broker invent one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+from kombu import Exchange, Queue
+
+from berth.ids import binding_keys, binding_member, guest_queue, queue_lists
+from tasks.errors import QueueMissing
+
+
+def queue_for(instance_id: str, *, no_declare: bool = False) -> Queue:
+    name = guest_queue(instance_id)
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
+                 durable=True, no_declare=no_declare)
+
+
+def declare(app: Celery, instance_id: str) -> None:
+    """Create ``guest.ID`` durably on the broker. Idempotent."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=3)
+        queue_for(instance_id)(conn.default_channel).declare()
+
+
+def exists(client: redis.Redis, instance_id: str) -> bool:
+    return bool(client.sismember(binding_keys(instance_id)[0], binding_member(instance_id)))
+
+
+def purge(client: redis.Redis, instance_id: str) -> int:
+    """Drop the messages still waiting in the queue (the queue itself stays declared)."""
+    with client.pipeline() as pipe:
+        for name in queue_lists(instance_id):
+            pipe.llen(name)
+            pipe.delete(name)
+        counts = pipe.execute()
+    return int(sum(counts[::2]))
+
+
+def publish(
+    app: Celery,
+    client: redis.Redis,
+    instance_id: str,
+    task_name: str,
+    *,
+    kwargs: dict[str, Any],
+    task_id: str,
+    expires: dt.datetime,
+    kwargsrepr: str | None = None,
+) -> AsyncResult:
+    """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry."""
+    if not exists(client, instance_id):
+        raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
+    return app.send_task(
+        task_name,
+        kwargs=kwargs,
+        task_id=task_id,
+        queue=queue_for(instance_id, no_declare=True),
+        # The queue exists (checked above); declaring again would re-create a deleted one.
+        declare=[],
+        expires=expires,
+        kwargsrepr=kwargsrepr,
+        delivery_mode=2,
+    )

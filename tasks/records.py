@@ -1,0 +1,178 @@
+"""Instance records: one Redis hash per instance, written only by the taskmanager.
+
+Status changes go through `Records.transition`, a compare-and-set in one Lua call, so a
+late step can never overwrite a final state (a verify that finds FAILED does not make it
+ACTIVE). Every transition is logged with the instance id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterable
+
+import redis
+
+from berth.ids import RECORD_INDEX_KEY, record_key
+from berth.spec import ProvisionRequest
+from tasks.errors import InstanceExists
+
+log = logging.getLogger("berth.records")
+
+
+class Status(str, Enum):
+    NEW = "NEW"
+    BUILD = "BUILD"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    DELETED = "DELETED"
+
+
+class Reason(str, Enum):
+    BOOT_FAILED = "BOOT_FAILED"
+    GUEST_UNREACHABLE = "GUEST_UNREACHABLE"
+    PREPARE_FAILED = "PREPARE_FAILED"
+    PREPARE_TIMEOUT = "PREPARE_TIMEOUT"
+
+
+FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED})
+JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
+FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
+INT_FIELDS = frozenset({"ping_attempts"})
+
+# KEYS[1] record; ARGV: new status, number of allowed old statuses, those statuses, then
+# field/value pairs. Returns {1, old} when applied, {0, old or false} when refused.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, false} end
+local n = tonumber(ARGV[2])
+local ok = false
+for i = 3, 2 + n do if ARGV[i] == cur then ok = true end end
+if not ok then return {0, cur} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 3 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return {1, cur}
+"""
+
+
+def _encode(name: str, value: Any) -> str:
+    if name in JSON_FIELDS:
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _decode(name: str, raw: str) -> Any:
+    if name in JSON_FIELDS:
+        return json.loads(raw)
+    if name.endswith("_at") or name in FLOAT_FIELDS:
+        return float(raw)
+    if name in INT_FIELDS:
+        return int(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    fields: dict[str, Any]
+
+    @property
+    def instance_id(self) -> str:
+        return str(self.fields["instance_id"])
+
+    @property
+    def status(self) -> Status:
+        return Status(self.fields["status"])
+
+    @property
+    def reason(self) -> str | None:
+        return self.fields.get("reason")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+class Records:
+    """Read and write instance records in the broker's Redis."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._transition = client.register_script(_TRANSITION)
+
+    def create(self, request: ProvisionRequest, request_id: str, now: float | None = None) -> bool:
+        """Create the NEW record; True if created, False if this same request made it already.
+
+        Raises InstanceExists when another request owns the id (unless that one was DELETED).
+        """
+        key = record_key(request.instance_id)
+        now = time.time() if now is None else now
+        fields = {**request.public(), "status": Status.NEW, "request_id": request_id,
+                  "created_at": now, "updated_at": now, "ping_attempts": 0}
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current = pipe.hmget(key, "status", "request_id")
+                    if current[0] is not None and current[0] != Status.DELETED.value:
+                        if current[1] == request_id:
+                            return False
+                        raise InstanceExists(f"instance {request.instance_id} already exists "
+                                             f"(status {current[0]})")
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.hset(key, mapping={k: _encode(k, v) for k, v in fields.items()})
+                    pipe.zadd(RECORD_INDEX_KEY, {request.instance_id: now})
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        log.info("instance %s: created NEW (datastore=%s boot=%s)", request.instance_id,
+                 request.datastore, request.boot)
+        return True
+
+    def get(self, instance_id: str) -> InstanceRecord | None:
+        raw = self.client.hgetall(record_key(instance_id))
+        if not raw:
+            return None
+        return InstanceRecord({k: _decode(k, v) for k, v in raw.items()})
+
+    def all(self) -> list[InstanceRecord]:
+        ids = self.client.zrange(RECORD_INDEX_KEY, 0, -1)
+        records = (self.get(i) for i in ids)
+        return [r for r in records if r is not None]
+
+    def update(self, instance_id: str, **fields: Any) -> None:
+        encoded = {k: _encode(k, v) for k, v in fields.items()}
+        self.client.hset(record_key(instance_id), mapping={**encoded, "updated_at": str(time.time())})
+
+    def set_once(self, instance_id: str, name: str, value: Any) -> Any:
+        """Set a field unless already set, return the stored value (redelivery keeps the first)."""
+        key = record_key(instance_id)
+        self.client.hsetnx(key, name, _encode(name, value))
+        return _decode(name, self.client.hget(key, name))
+
+    def incr(self, instance_id: str, name: str) -> int:
+        return int(self.client.hincrby(record_key(instance_id), name, 1))
+
+    def transition(self, instance_id: str, to: Status, allowed_from: Iterable[Status],
+                   step: str, **fields: Any) -> bool:
+        """Move to ``to`` only from one of ``allowed_from``; log it. False if refused."""
+        allowed = [s.value for s in allowed_from]
+        fields["updated_at"] = time.time()
+        pairs: list[str] = []
+        for name, value in fields.items():
+            pairs += [name, _encode(name, value)]
+        applied, old = self._transition(keys=[record_key(instance_id)],
+                                        args=[to.value, len(allowed), *allowed, *pairs])
+        if applied:
+            detail = " ".join(f"{k}={fields[k]}" for k in ("reason", "error") if k in fields)
+            log.info("instance %s: %s -> %s (step=%s)%s", instance_id, old, to.value, step,
+                     f" {detail}" if detail else "")
+        return bool(applied)

@@ -1,0 +1,44 @@
+"""Per-process handles on the broker's Redis, built lazily from the app's settings."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import redis
+
+from tasks import app
+from tasks.records import Records
+
+
+@functools.lru_cache(maxsize=None)
+def redis_client() -> redis.Redis:
+    """A decoded client on the broker's Redis (redis-py reopens its pool after a fork)."""
+    return redis.Redis.from_url(app.conf.broker_url, decode_responses=True,
+                                socket_connect_timeout=2.0, health_check_interval=30)
+
+
+@functools.lru_cache(maxsize=None)
+def result_client() -> redis.Redis:
+    """A decoded client on the result backend's Redis."""
+    return redis.Redis.from_url(app.conf.result_backend, decode_responses=True,
+                                socket_connect_timeout=2.0, health_check_interval=30)
+
+
+def records() -> Records:
+    return _records()
+
+
+@functools.lru_cache(maxsize=None)
+def _records() -> Records:
+    return Records(redis_client())
+
+
+def setting(name: str) -> Any:
+    """A Berth setting from celeryconfig (``berth_`` prefix implied)."""
+    return app.conf[f"berth_{name}"]
+
+
+def limits() -> dict[str, float]:
+    return {k: float(setting(k)) for k in
+            ("boot_delay_max_s", "ping_deadline_max_s", "prepare_deadline_max_s")}

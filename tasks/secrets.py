@@ -1,0 +1,30 @@
+"""Where prepare's passwords wait between the request and the prepare message.
+
+They are kept out of chain arguments and results, which Flower and the result backend
+show; the key expires by itself and is dropped as soon as the instance is ACTIVE or FAILED.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from berth.ids import secrets_key
+from berth.spec import User
+
+
+def store(client: redis.Redis, instance_id: str, users: tuple[User, ...], ttl_s: float) -> None:
+    key = secrets_key(instance_id)
+    with client.pipeline() as pipe:
+        pipe.delete(key)
+        if users:
+            pipe.hset(key, mapping={u.name: u.password for u in users})
+            pipe.expire(key, max(1, int(ttl_s)))
+        pipe.execute()
+
+
+def load(client: redis.Redis, instance_id: str) -> dict[str, str]:
+    return dict(client.hgetall(secrets_key(instance_id)))
+
+
+def drop(client: redis.Redis, instance_id: str) -> None:
+    client.delete(secrets_key(instance_id))

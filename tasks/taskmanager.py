@@ -1,0 +1,217 @@
+"""The provisioning steps, one task each, in chain order:
+
+    create_queue -> boot_guest -> ping_guest -> send_prepare -> verify
+
+Every step takes the instance id, reads what it needs from the instance record and is safe
+to run twice (a taskmanager killed mid-step gets its message again). No step waits long:
+ping_guest and verify look for the guest's answer, then retry with a countdown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any, NoReturn
+
+from celery import Task
+
+from berth.ids import ping_task_id, prepare_task_id
+from berth.spec import InvalidField, ProvisionRequest, validate_request
+from berth.timing import next_countdown
+from tasks import app, queues, secrets, waiting
+from tasks.drivers import DRIVERS
+from tasks.errors import (
+    BootFailed,
+    GuestUnreachable,
+    InstanceNotBuilding,
+    InstanceNotFound,
+    InvalidRequest,
+    PrepareFailed,
+    PrepareTimeout,
+    ProvisioningError,
+    from_invalid_field,
+)
+from tasks.records import InstanceRecord, Reason, Status
+from tasks.runtime import limits, records, redis_client, result_client, setting
+from tasks.signals import masked
+
+log = logging.getLogger("berth.taskmanager")
+
+REQUEST_FIELDS = frozenset({"datastore", "boot", "boot_delay_s", "ping_deadline_s",
+                            "prepare_deadline_s", "users", "databases", "config"})
+# A secret outlives the longest possible build by this much, then expires by itself.
+SECRETS_MARGIN_S = 600.0
+
+
+def validated(instance_id: object, **fields: Any) -> ProvisionRequest:
+    """The request with defaults from the settings, or InvalidRequest naming the bad field."""
+    unknown = sorted(set(fields) - REQUEST_FIELDS)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown field (accepted: {', '.join(sorted(REQUEST_FIELDS))})")
+    fields.setdefault("ping_deadline_s", setting("ping_deadline_s"))
+    fields.setdefault("prepare_deadline_s", setting("prepare_deadline_s"))
+    try:
+        return validate_request(instance_id, limits=limits(), **fields)
+    except InvalidField as exc:
+        raise from_invalid_field(exc) from exc
+
+
+def _building(instance_id: str) -> InstanceRecord:
+    record = records().get(instance_id)
+    if record is None:
+        raise InstanceNotFound(f"instance {instance_id} has no record")
+    if record.status is not Status.BUILD:
+        raise InstanceNotBuilding(f"instance {instance_id} is {record.status.value}, not BUILD: chain stopped")
+    return record
+
+
+def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[ProvisioningError]) -> NoReturn:
+    """FAILED with a reason; nothing of the build is left to run on the guest."""
+    records().transition(instance_id, Status.FAILED, [Status.NEW, Status.BUILD], step,
+                         reason=reason, error=error, failed_at=time.time())
+    secrets.drop(redis_client(), instance_id)
+    # Anything still queued for the guest is stale now: a late guest finds nothing to run.
+    queues.purge(redis_client(), instance_id)
+    raise exc(f"instance {instance_id}: {reason.value}: {error}")
+
+
+def summary(record: InstanceRecord) -> dict[str, Any]:
+    return {"instance_id": record.instance_id, "status": record.status.value,
+            "reason": record.reason, "connection": record.get("connection")}
+
+
+@app.task(name="taskmanager.create_queue", bind=True)
+def create_queue(self: Task, instance_id: str, **fields: Any) -> str:
+    """Record the instance and declare guest.ID durably before anything is sent to it."""
+    request = validated(instance_id, **fields)
+    if records().create(request, request_id=self.request.root_id or self.request.id):
+        ttl = request.boot_delay_s + request.ping_deadline_s + request.prepare_deadline_s + SECRETS_MARGIN_S
+        secrets.store(redis_client(), instance_id, request.users, ttl)
+    queues.declare(app, instance_id)
+    records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
+                         queue_created_at=time.time())
+    _building(instance_id)
+    return instance_id
+
+
+@app.task(name="taskmanager.boot_guest", bind=True)
+def boot_guest(self: Task, instance_id: str) -> str:
+    """Start the guest with the instance's boot driver (`none` leaves it to someone else)."""
+    record = _building(instance_id)
+    driver = DRIVERS[record["boot"]]
+    try:
+        info = driver.boot(instance_id, record["boot_delay_s"], booted_by=self.request.hostname or "")
+    except OSError as exc:
+        _fail(instance_id, Reason.BOOT_FAILED, "boot_guest", f"{driver.name} driver: {exc}", BootFailed)
+    records().update(instance_id, booted_at=time.time())
+    log.info("instance %s: boot driver %s: %s", instance_id, driver.name, info)
+    return instance_id
+
+
+def _pong(instance_id: str, attempt: int) -> dict[str, Any] | None:
+    """The guest's answer to either of the last two pings, if it answered as this instance."""
+    for earlier in (attempt - 1, attempt - 2):
+        if earlier >= 0:
+            answer = waiting.peek(result_client(), ping_task_id(instance_id, earlier))
+            if answer and answer.ok and answer.result.get("instance_id") == instance_id:
+                return dict(answer.result)
+    return None
+
+
+def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
+    records().update(instance_id, guest_ready_at=time.time(), guest_version=pong.get("version", ""))
+    log.info("instance %s: guest answered ping (attempts=%d version=%s)", instance_id, attempts,
+             pong.get("version"))
+    return instance_id
+
+
+@app.task(name="taskmanager.ping_guest", bind=True, max_retries=None)
+def ping_guest(self: Task, instance_id: str) -> str:
+    """Ping through guest.ID until it answers or the per-instance deadline passes."""
+    record = _building(instance_id)
+    attempt, now = self.request.retries, time.time()
+    records().set_once(instance_id, "ping_started_at", now)
+    deadline_at = records().set_once(instance_id, "ping_deadline_at", now + record["ping_deadline_s"])
+    pong = _pong(instance_id, attempt)
+    if pong:
+        return _guest_ready(instance_id, pong, attempt)
+    if now >= deadline_at:
+        _fail(instance_id, Reason.GUEST_UNREACHABLE, "ping_guest",
+              f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
+    countdown = next_countdown(attempt, now=now, deadline_at=deadline_at,
+                               base_s=setting("ping_backoff_base_s"), cap_s=setting("ping_backoff_cap_s"))
+    ping_id = ping_task_id(instance_id, attempt)
+    # A ping lives until the check after next, then expires unread: a guest that comes up
+    # late answers a fresh ping instead of working through a backlog of stale ones.
+    expires = now + 2 * countdown + 1.0
+    queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
+                   task_id=ping_id, expires=_utc(expires))
+    records().update(instance_id, ping_attempts=attempt + 1)
+    if attempt == 0:
+        # Optimistic fast path: a live guest answers in milliseconds.
+        answer = waiting.wait_for_result(result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
+        if answer and answer.ok and answer.result.get("instance_id") == instance_id:
+            return _guest_ready(instance_id, dict(answer.result), 1)
+    raise self.retry(countdown=countdown)
+
+
+@app.task(name="taskmanager.send_prepare", bind=True)
+def send_prepare(self: Task, instance_id: str) -> str:
+    """Publish guest.prepare: fixed id, acks_late on the guest, expiring at the prepare deadline."""
+    record = _building(instance_id)
+    now = time.time()
+    deadline_at = records().set_once(instance_id, "prepare_deadline_at", now + record["prepare_deadline_s"])
+    passwords = secrets.load(redis_client(), instance_id)
+    missing = [name for name in record["users"] if name not in passwords]
+    if missing:
+        _fail(instance_id, Reason.PREPARE_FAILED, "send_prepare",
+              f"the passwords of {', '.join(missing)} are gone (expired before prepare)", PrepareFailed)
+    kwargs = {"instance_id": instance_id, "datastore": record["datastore"],
+              "users": [{"name": n, "password": passwords[n]} for n in record["users"]],
+              "databases": record["databases"], "config": record["config"]}
+    queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs,
+                   task_id=prepare_task_id(instance_id), expires=_utc(deadline_at),
+                   kwargsrepr=repr(masked(kwargs)))
+    records().set_once(instance_id, "prepare_sent_at", now)
+    return instance_id
+
+
+@app.task(name="taskmanager.verify", bind=True, max_retries=None)
+def verify(self: Task, instance_id: str) -> dict[str, Any]:
+    """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
+    current = records().get(instance_id)
+    if current is not None and current.status is Status.ACTIVE:
+        return summary(current)
+    record = _building(instance_id)
+    attempt, now = self.request.retries, time.time()
+    deadline_at = float(record["prepare_deadline_at"])
+    wait_s = setting("verify_reply_wait_s") if attempt == 0 else 0.0
+    answer = waiting.wait_for_result(result_client(), prepare_task_id(instance_id),
+                                     min(wait_s, max(0.0, deadline_at - now)))
+    if answer is not None and answer.ok:
+        return _activate(instance_id, answer.result)
+    if answer is not None and answer.state == "FAILURE":
+        _fail(instance_id, Reason.PREPARE_FAILED, "verify", answer.error(), PrepareFailed)
+    if answer is not None or time.time() >= deadline_at:
+        # REVOKED: the guest received prepare after it expired and did not run it.
+        _fail(instance_id, Reason.PREPARE_TIMEOUT, "verify",
+              f"prepare not done within {record['prepare_deadline_s']:g} s", PrepareTimeout)
+    raise self.retry(countdown=next_countdown(
+        attempt, now=now, deadline_at=deadline_at,
+        base_s=setting("verify_backoff_base_s"), cap_s=setting("verify_backoff_cap_s")))
+
+
+def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    records().transition(instance_id, Status.ACTIVE, [Status.BUILD], "verify",
+                         active_at=time.time(), connection=result.get("connection") or {})
+    secrets.drop(redis_client(), instance_id)
+    record = records().get(instance_id)
+    assert record is not None
+    if record.status is not Status.ACTIVE:
+        raise InstanceNotBuilding(f"instance {instance_id} is {record.status.value}: not made ACTIVE")
+    return summary(record)
+
+
+def _utc(epoch_s: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc)

@@ -1,0 +1,43 @@
+"""Provisioning as a Celery chain: create_queue -> boot_guest -> ping_guest -> send_prepare -> verify.
+
+    from workflows import provision_chain
+    result = provision_chain("db-1", datastore="redis",
+                             users=[{"name": "app", "password": "s3cret-pass"}],
+                             databases=["app"]).apply_async()
+    result.get(timeout=120)   # {'instance_id': 'db-1', 'status': 'ACTIVE', ...} or raises
+
+The same chain starts from a shell with ``celery -A tasks call workflows.provision`` and from
+Flower's send-task API (see `workflows.tasks.provision`), or with ``python -m workflows``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import chain
+
+from berth.ids import task_id
+from tasks.taskmanager import boot_guest, create_queue, ping_guest, send_prepare, validated, verify
+
+STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
+
+
+def provision_chain(instance_id: str, **request: Any) -> chain:
+    """The provisioning chain for one instance; raises InvalidRequest before anything is sent.
+
+    Keyword arguments: datastore ('redis' or 'noop'), boot ('local' or 'none'), boot_delay_s,
+    ping_deadline_s, prepare_deadline_s, users ([{'name', 'password'}]), databases, config.
+    Every step's task id is ``<instance id>.<step>``, so an instance's results are its own.
+    """
+    spec = validated(instance_id, **request).task_kwargs()
+    iid = spec.pop("instance_id")
+    return chain(
+        create_queue.si(iid, **spec).set(task_id=task_id(iid, "create_queue")),
+        boot_guest.si(iid).set(task_id=task_id(iid, "boot_guest")),
+        ping_guest.si(iid).set(task_id=task_id(iid, "ping_guest")),
+        send_prepare.si(iid).set(task_id=task_id(iid, "send_prepare")),
+        verify.si(iid).set(task_id=task_id(iid, "verify")),
+    )
+
+
+__all__ = ["STEPS", "provision_chain"]
