@@ -87,7 +87,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "EmbeddedRedis":
+    def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = server_args(self.port, self.data_dir, *self.extra_args)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
@@ -114,7 +114,7 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 Clock = Callable[[], float]
 
@@ -50,7 +50,7 @@ class Deadline:
     clock: Clock = field(default=time.time, compare=False)
 
     @classmethod
-    def after(cls, seconds: float, clock: Clock = time.time) -> "Deadline":
+    def after(cls, seconds: float, clock: Clock = time.time) -> Deadline:
         return cls(clock() + seconds, clock)
 
     def remaining(self) -> float:

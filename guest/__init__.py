@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 from celery import Celery, bootsteps
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE, guest_queue, unacked_keys
 

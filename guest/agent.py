@@ -64,7 +64,7 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
         connection = manager.prepare(plain_users, list(databases), dict(config))
     except PrepareError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure becomes PREPARE_FAILED, never a crash
         # Name the failure without its message: it could quote an argument.
         raise PrepareError(f"{datastore} prepare failed: {type(exc).__name__}") from None
     result = {"instance_id": own, "prepare_id": prepare_id, "connection": connection}

@@ -39,7 +39,8 @@ class Journal:
         return int(data["deliveries"][prepare_id])
 
     def result(self, prepare_id: str) -> dict[str, Any] | None:
-        return self.read()["results"].get(prepare_id)
+        result = self.read()["results"].get(prepare_id)
+        return None if result is None else dict(result)
 
     def applied(self, prepare_id: str, result: dict[str, Any]) -> None:
         data = self.read()

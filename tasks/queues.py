@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.result import AsyncResult
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from berth.ids import binding_keys, binding_member, guest_queue, queue_lists
 from tasks.errors import QueueMissing

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Iterable
+from enum import Enum, StrEnum
+from typing import Any
 
 import redis
 
@@ -23,7 +24,7 @@ from tasks.errors import InstanceExists
 log = logging.getLogger("berth.records")
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     NEW = "NEW"
     BUILD = "BUILD"
     ACTIVE = "ACTIVE"
@@ -31,7 +32,7 @@ class Status(str, Enum):
     DELETED = "DELETED"
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     BOOT_FAILED = "BOOT_FAILED"
     GUEST_UNREACHABLE = "GUEST_UNREACHABLE"
     PREPARE_FAILED = "PREPARE_FAILED"
@@ -66,7 +67,13 @@ def _encode(name: str, value: Any) -> str:
     return str(value)
 
 
-def _decode(name: str, raw: str) -> Any:
+def text(value: Any) -> str:
+    """A Redis reply as str (clients here decode responses; this also satisfies the type checker)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode(name: str, raw: Any) -> Any:
+    raw = text(raw)
     if name in JSON_FIELDS:
         return json.loads(raw)
     if name.endswith("_at") or name in FLOAT_FIELDS:
@@ -119,7 +126,7 @@ class Records:
             while True:
                 try:
                     pipe.watch(key)
-                    current = pipe.hmget(key, "status", "request_id")
+                    current = [None if v is None else text(v) for v in pipe.hmget(key, "status", "request_id")]
                     if current[0] is not None and current[0] != Status.DELETED.value:
                         if current[1] == request_id:
                             return False
@@ -127,7 +134,8 @@ class Records:
                                              f"(status {current[0]})")
                     pipe.multi()
                     pipe.delete(key)
-                    pipe.hset(key, mapping={k: _encode(k, v) for k, v in fields.items()})
+                    mapping: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
+                    pipe.hset(key, mapping=mapping)
                     pipe.zadd(RECORD_INDEX_KEY, {request.instance_id: now})
                     pipe.execute()
                     break
@@ -141,15 +149,15 @@ class Records:
         raw = self.client.hgetall(record_key(instance_id))
         if not raw:
             return None
-        return InstanceRecord({k: _decode(k, v) for k, v in raw.items()})
+        return InstanceRecord({text(k): _decode(text(k), v) for k, v in raw.items()})
 
     def all(self) -> list[InstanceRecord]:
         ids = self.client.zrange(RECORD_INDEX_KEY, 0, -1)
-        records = (self.get(i) for i in ids)
+        records = (self.get(text(i)) for i in ids)
         return [r for r in records if r is not None]
 
     def update(self, instance_id: str, **fields: Any) -> None:
-        encoded = {k: _encode(k, v) for k, v in fields.items()}
+        encoded: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
         self.client.hset(record_key(instance_id), mapping={**encoded, "updated_at": str(time.time())})
 
     def set_once(self, instance_id: str, name: str, value: Any) -> Any:

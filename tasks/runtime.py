@@ -11,14 +11,14 @@ from tasks import app
 from tasks.records import Records
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def redis_client() -> redis.Redis:
     """A decoded client on the broker's Redis (redis-py reopens its pool after a fork)."""
     return redis.Redis.from_url(app.conf.broker_url, decode_responses=True,
                                 socket_connect_timeout=2.0, health_check_interval=30)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def result_client() -> redis.Redis:
     """A decoded client on the result backend's Redis."""
     return redis.Redis.from_url(app.conf.result_backend, decode_responses=True,
@@ -29,7 +29,7 @@ def records() -> Records:
     return _records()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _records() -> Records:
     return Records(redis_client())
 

@@ -23,7 +23,7 @@ def store(client: redis.Redis, instance_id: str, users: tuple[User, ...], ttl_s:
 
 
 def load(client: redis.Redis, instance_id: str) -> dict[str, str]:
-    return dict(client.hgetall(secrets_key(instance_id)))
+    return {str(k): str(v) for k, v in client.hgetall(secrets_key(instance_id)).items()}
 
 
 def drop(client: redis.Redis, instance_id: str) -> None:

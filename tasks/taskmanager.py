@@ -81,7 +81,7 @@ def summary(record: InstanceRecord) -> dict[str, Any]:
             "reason": record.reason, "connection": record.get("connection")}
 
 
-@app.task(name="taskmanager.create_queue", bind=True)
+@app.task(name="taskmanager.create_queue", bind=True, throws=(ProvisioningError,))
 def create_queue(self: Task, instance_id: str, **fields: Any) -> str:
     """Record the instance and declare guest.ID durably before anything is sent to it."""
     request = validated(instance_id, **fields)
@@ -95,7 +95,7 @@ def create_queue(self: Task, instance_id: str, **fields: Any) -> str:
     return instance_id
 
 
-@app.task(name="taskmanager.boot_guest", bind=True)
+@app.task(name="taskmanager.boot_guest", bind=True, throws=(ProvisioningError,))
 def boot_guest(self: Task, instance_id: str) -> str:
     """Start the guest with the instance's boot driver (`none` leaves it to someone else)."""
     record = _building(instance_id)
@@ -126,7 +126,7 @@ def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
     return instance_id
 
 
-@app.task(name="taskmanager.ping_guest", bind=True, max_retries=None)
+@app.task(name="taskmanager.ping_guest", bind=True, throws=(ProvisioningError,), max_retries=None)
 def ping_guest(self: Task, instance_id: str) -> str:
     """Ping through guest.ID until it answers or the per-instance deadline passes."""
     record = _building(instance_id)
@@ -156,7 +156,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
     raise self.retry(countdown=countdown)
 
 
-@app.task(name="taskmanager.send_prepare", bind=True)
+@app.task(name="taskmanager.send_prepare", bind=True, throws=(ProvisioningError,))
 def send_prepare(self: Task, instance_id: str) -> str:
     """Publish guest.prepare: fixed id, acks_late on the guest, expiring at the prepare deadline."""
     record = _building(instance_id)
@@ -177,7 +177,7 @@ def send_prepare(self: Task, instance_id: str) -> str:
     return instance_id
 
 
-@app.task(name="taskmanager.verify", bind=True, max_retries=None)
+@app.task(name="taskmanager.verify", bind=True, throws=(ProvisioningError,), max_retries=None)
 def verify(self: Task, instance_id: str) -> dict[str, Any]:
     """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
     current = records().get(instance_id)
@@ -214,4 +214,4 @@ def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _utc(epoch_s: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(epoch_s, tz=dt.UTC)

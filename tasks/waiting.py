@@ -39,7 +39,7 @@ class GuestAnswer:
         return str(self.result)
 
 
-def _parse(raw: str | None) -> GuestAnswer | None:
+def _parse(raw: str | bytes | None) -> GuestAnswer | None:
     if not raw:
         return None
     meta = json.loads(raw)

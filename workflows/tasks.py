@@ -7,13 +7,13 @@ from typing import Any
 from celery import Task
 
 from tasks import app
-from tasks.errors import InstanceExists
+from tasks.errors import InstanceExists, ProvisioningError
 from tasks.records import Status
 from tasks.runtime import records
 from workflows import provision_chain
 
 
-@app.task(name="workflows.provision", bind=True)
+@app.task(name="workflows.provision", bind=True, throws=(ProvisioningError,))
 def provision(self: Task, instance_id: str, **request: Any) -> dict[str, Any]:
     """Validate, refuse an id already in use, then start the provisioning chain.
 

@@ -15,6 +15,8 @@ from guest.errors import InvalidMessage
 class Manager(Protocol):
     name: str
 
+    def __init__(self, home: Path) -> None: ...
+
     def prepare(self, users: list[dict[str, str]], databases: list[str], config: dict[str, Any]) -> dict[str, Any]:
         """Set the datastore up; return how to connect (never a password)."""
         ...

@@ -1,0 +1,176 @@
+"""`make run`: the whole of Berth on this machine, with a demo instance, until Ctrl-C.
+
+Starts the embedded broker (unless CELERY_BROKER_URL names one), the taskmanager and Flower
+from the Procfile with honcho, provisions a demo instance with a local guest and a real
+Redis datastore, prints each status change, how to connect, and Flower's address, then
+waits. Ctrl-C stops everything it started, local guests included.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+from typing import Any
+
+from berth.broker import free_port, wait_until_ready
+from berth.paths import PROJECT_DIR, berth_home, broker_url_file
+
+READY_TIMEOUT_S = 60.0
+DEMO_USER = "app"
+DEMO_DATABASE = "app"
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def environment(home: Path) -> tuple[dict[str, str], list[str]]:
+    """The environment for honcho's processes, and which Procfile processes to start."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update(BERTH_HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
+    env.setdefault("BERTH_GUEST_STOP_TIMEOUT_S", "3")
+    processes = ["taskmanager", "flower"]
+    if not env.get("CELERY_BROKER_URL"):
+        port = free_port()
+        env["BERTH_BROKER_PORT"] = str(port)
+        env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
+        processes.insert(0, "broker")
+    env.setdefault("FLOWER_PORT", "5555" if port_free(5555) else str(free_port()))
+    env.setdefault("FLOWER_BASIC_AUTH", f"admin:{secrets.token_urlsafe(12)}")
+    return env, processes
+
+
+def wait_for(what: str, check: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet, whatever the reason
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"error: {what} did not come up within {timeout_s:g} s; see {berth_home() / 'run.log'}")
+
+
+def flower_up(port: str, auth: str) -> bool:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/workers",
+                                     headers={"Authorization": "Basic " + b64encode(auth.encode()).decode()})
+    with urllib.request.urlopen(request, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def taskmanager_up() -> bool:
+    from tasks import app
+
+    replies = app.control.inspect(timeout=1.0).ping() or {}
+    return any(name.startswith("taskmanager@") for name in replies)
+
+
+def next_demo_id() -> str:
+    from tasks.runtime import records
+
+    n = 1
+    while records().get(f"demo-{n}") is not None:
+        n += 1
+    return f"demo-{n}"
+
+
+def provision_demo(password: str) -> str | None:
+    from tasks import app
+    from workflows.cli import follow
+
+    instance_id = next_demo_id()
+    request = {"datastore": "redis", "boot": "local", "boot_delay_s": 2.0,
+               "users": [{"name": DEMO_USER, "password": password}], "databases": [DEMO_DATABASE]}
+    print(f"\nprovisioning {instance_id}: redis datastore, local guest booting in 2 s", flush=True)
+    sent = app.send_task("workflows.provision", args=[instance_id], kwargs=request)
+    code = follow(instance_id, sent, timeout_s=120)
+    return instance_id if code == 0 else None
+
+
+def show_connection(instance_id: str, password: str) -> None:
+    import redis
+
+    from tasks.runtime import records
+
+    record = records().get(instance_id)
+    assert record is not None
+    conn = record["connection"]
+    client = redis.Redis(host=conn["host"], port=conn["port"], username=DEMO_USER, password=password)
+    client.set(f"{DEMO_DATABASE}:greeting", "hello from berth")
+    print(f"\nconnected as {DEMO_USER}: {DEMO_DATABASE}:greeting = {client.get(f'{DEMO_DATABASE}:greeting')!r}")
+    print(f"connect yourself:  redis-cli -h {conn['host']} -p {conn['port']} --user {DEMO_USER} "
+          f"--pass '{password}' GET {DEMO_DATABASE}:greeting")
+    print(f"instance record:   python -m workflows show {instance_id}")
+
+
+def stop(honcho: subprocess.Popen[bytes]) -> None:
+    print("\nstopping taskmanager, flower, guests and broker ...", flush=True)
+    if honcho.poll() is None:
+        honcho.send_signal(signal.SIGTERM)
+        try:
+            honcho.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.wait()
+    from tasks.drivers import LocalDriver
+
+    LocalDriver().stop_all(timeout_s=3)
+    broker_url_file().unlink(missing_ok=True)
+    print("stopped.", flush=True)
+
+
+def main() -> int:
+    home = berth_home()
+    home.mkdir(parents=True, exist_ok=True)
+    env, processes = environment(home)
+    os.environ.update(env)  # before `tasks` is imported: celeryconfig reads the environment
+    log_path = home / "run.log"
+    print(f"berth: starting {', '.join(processes)} (logs: {log_path})", flush=True)
+    with open(log_path, "ab") as log:
+        honcho = subprocess.Popen(
+            [str(Path(sys.executable).parent / "honcho"), "-f", str(PROJECT_DIR / "Procfile"),
+             "-d", str(PROJECT_DIR), "start", *processes],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        wait_until_ready(env["CELERY_BROKER_URL"], timeout_s=READY_TIMEOUT_S)
+        from kombu.utils.url import maybe_sanitize_url
+
+        print(f"broker:      {maybe_sanitize_url(env['CELERY_BROKER_URL'])}", flush=True)
+        wait_for("the taskmanager", taskmanager_up)
+        print("taskmanager: ready (celery -A tasks worker -Q taskmanager)", flush=True)
+        wait_for("Flower", lambda: flower_up(env["FLOWER_PORT"], env["FLOWER_BASIC_AUTH"]))
+        user, _, flower_password = env["FLOWER_BASIC_AUTH"].partition(":")
+        print(f"flower:      http://127.0.0.1:{env['FLOWER_PORT']}/  (user {user}, password {flower_password})",
+              flush=True)
+        password = secrets.token_urlsafe(12)
+        instance_id = provision_demo(password)
+        if instance_id:
+            show_connection(instance_id, password)
+        print(f"\nflower:      http://127.0.0.1:{env['FLOWER_PORT']}/tasks  (user {user}, password {flower_password})")
+        print("running; press Ctrl-C to stop everything.", flush=True)
+        while honcho.poll() is None:
+            time.sleep(0.5)
+        print(f"a process exited; see {log_path}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(honcho)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""One real Redis per test session (per xdist worker), started before `tasks` is imported.
+
+celeryconfig reads the environment at import time, so the broker URL and BERTH_HOME are
+set in pytest_configure, before test modules are collected. A user's own broker given in
+CELERY_BROKER_URL is used instead; every test names its own instances, so runs can share it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Proc, celery, guest_command, unique_id, wait_until
+
+_session: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from berth.broker import EmbeddedRedis
+
+    root = Path(tempfile.mkdtemp(prefix="berth-test-"))
+    _session["root"] = root
+    os.environ["BERTH_HOME"] = str(root / "home")
+    if not os.environ.get("CELERY_BROKER_URL"):
+        server = EmbeddedRedis(root / "redis").start()
+        _session["server"] = server
+        os.environ["CELERY_BROKER_URL"] = server.url
+        os.environ["CELERY_RESULT_BACKEND"] = server.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tasks.drivers import LocalDriver
+
+    LocalDriver().stop_all(timeout_s=3)
+    if "server" in _session:
+        _session["server"].stop()
+    if "root" in _session:
+        shutil.rmtree(_session["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_root() -> Path:
+    return Path(_session["root"])
+
+
+@pytest.fixture(scope="session")
+def taskmanager(session_root: Path) -> Iterator[Proc]:
+    """A real taskmanager worker process (2 prefork slots), shared by the session."""
+    name = f"taskmanager-{os.getpid()}@%h"
+    proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", name,
+                       "-E", "-l", "INFO"), session_root / "logs" / "taskmanager.log")
+    wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, message="taskmanager ready")
+    assert proc.alive(), proc.log()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def new_id(request: pytest.FixtureRequest) -> Iterator[Callable[[str], str]]:
+    """Fresh instance ids; their local guests are stopped when the test ends."""
+    from tasks.drivers import LocalDriver
+
+    made: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        made.append(unique_id(prefix))
+        return made[-1]
+
+    yield make
+    for instance_id in made:
+        LocalDriver().stop(instance_id, timeout_s=3)
+
+
+@pytest.fixture
+def start_guest(session_root: Path) -> Iterator[Callable[[str], Proc]]:
+    """Start `celery -A guest worker --instance-id ID` by hand (the `none` boot driver's case)."""
+    procs: list[Proc] = []
+
+    def start(instance_id: str) -> Proc:
+        proc = Proc(guest_command(instance_id), session_root / "logs" / f"guest-{instance_id}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop(timeout_s=5)
+
+
+@pytest.fixture
+def records() -> Any:
+    from tasks.runtime import records as get
+
+    return get()

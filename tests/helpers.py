@@ -1,0 +1,87 @@
+"""Test helpers: conditions with deadlines, unique ids, real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from berth.paths import PROJECT_DIR
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll condition until it returns something truthy; fail with message at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"{message} not met within {timeout_s:g} s (last value: {last!r})")
+
+
+def unique_id(prefix: str = "t") -> str:
+    """A fresh instance id: tests share one Redis, so every test names its own instances."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PROJECT_DIR)
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A real subprocess (worker, guest, CLI) with its output in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(args, cwd=PROJECT_DIR, env=env or project_env(), stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+
+
+def celery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", *args]
+
+
+def guest_command(instance_id: str) -> list[str]:
+    from guest.launch import agent_command
+
+    return agent_command(instance_id)
