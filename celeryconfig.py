@@ -79,7 +79,7 @@ berth_ping_backoff_base_s = _env_float("BERTH_PING_BACKOFF_BASE_S", 0.1)
 berth_ping_backoff_cap_s = _env_float("BERTH_PING_BACKOFF_CAP_S", 1.0)
 # Only the first ping waits for its pong inside the task, and only this long: a live guest
 # answers in milliseconds, and a late one must not hold a taskmanager slot.
-berth_ping_reply_wait_s = _env_float("BERTH_PING_REPLY_WAIT_S", 0.2)
+berth_ping_reply_wait_s = _env_float("BERTH_PING_REPLY_WAIT_S", 0.05)
 # Checks for prepare's result: the same shape as the ping's.
 berth_verify_backoff_base_s = _env_float("BERTH_VERIFY_BACKOFF_BASE_S", 0.05)
 berth_verify_backoff_cap_s = _env_float("BERTH_VERIFY_BACKOFF_CAP_S", 1.0)

@@ -108,7 +108,8 @@ def show_connection(instance_id: str, password: str) -> None:
     record = records().get(instance_id)
     assert record is not None
     conn = record["connection"]
-    client = redis.Redis(host=conn["host"], port=conn["port"], username=DEMO_USER, password=password)
+    client = redis.Redis(host=conn["host"], port=conn["port"], username=DEMO_USER, password=password,
+                         decode_responses=True)
     client.set(f"{DEMO_DATABASE}:greeting", "hello from berth")
     print(f"\nconnected as {DEMO_USER}: {DEMO_DATABASE}:greeting = {client.get(f'{DEMO_DATABASE}:greeting')!r}")
     print(f"connect yourself:  redis-cli -h {conn['host']} -p {conn['port']} --user {DEMO_USER} "

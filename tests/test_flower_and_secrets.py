@@ -1,0 +1,106 @@
+"""Flower's API as an entry point, and passwords kept out of Flower, logs and Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from berth.broker import free_port
+from berth.paths import guests_root
+from tasks.records import Records, Status
+from tasks.runtime import redis_client
+from tests.helpers import Proc, celery, project_env, wait_until
+
+pytestmark = pytest.mark.usefixtures("taskmanager")
+AUTH = "admin:flower-test-pw"
+PASSWORD = "Sup3r-Secret-Value-42"
+
+
+class Flower:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method="POST" if data else "GET", headers={
+            "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode(),
+            "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def raw(self, path: str) -> str:
+        request = urllib.request.Request(self.base + path, headers={
+            "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def flower(session_root: Path) -> Iterator[Flower]:
+    port = free_port()
+    proc = Proc(celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}"),
+                session_root / "logs" / "flower.log", env=project_env(FLOWER_BASIC_AUTH=AUTH))
+    client = Flower(port)
+
+    def up() -> bool:
+        try:
+            client.call("/api/workers")
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, 60, interval_s=0.2, message="flower answering")
+    yield client
+    proc.stop()
+
+
+def test_flower_send_task_api_starts_a_provisioning(flower: Flower, new_id: Callable[[str], str],
+                                                   records: Records) -> None:
+    instance_id = new_id("flw")
+    reply = flower.call("/api/task/send-task/workflows.provision",
+                        {"args": [instance_id], "kwargs": {"datastore": "noop"}})
+    assert reply["task-id"]
+    record = wait_until(lambda: (r := records.get(instance_id)) and r.status is Status.ACTIVE and r, 60,
+                        message="ACTIVE")
+    assert record.status is Status.ACTIVE
+    # The chain's steps show in Flower as named tasks carrying the instance id.
+    tasks = wait_until(lambda: {t["name"] for t in flower.call("/api/tasks?limit=1000").values()
+                                if instance_id in str(t.get("args"))} >= {
+        "taskmanager.create_queue", "taskmanager.ping_guest", "taskmanager.verify"} and True, 20,
+                       message="steps in flower")
+    assert tasks
+
+
+def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(
+        flower: Flower, new_id: Callable[[str], str], records: Records, session_root: Path,
+        taskmanager: Proc) -> None:
+    instance_id = new_id("sec")
+    reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {
+        "datastore": "redis", "users": [{"name": "app", "password": PASSWORD}], "databases": ["app"]}})
+    record = wait_until(lambda: (r := records.get(instance_id)) and r.status is Status.ACTIVE and r, 60,
+                        message="ACTIVE")
+    assert record.status is Status.ACTIVE
+    # Flower: wait until it has seen the provisioning's own events, then search everything it serves.
+    wait_until(lambda: reply["task-id"] in flower.call("/api/tasks?limit=1000"), 20, message="flower saw it")
+    shown = flower.raw("/api/tasks?limit=1000") + flower.raw(f"/api/task/info/{reply['task-id']}")
+    assert "********" in shown, "the password field is there, masked"
+    assert PASSWORD not in shown
+    # Every key and value in Redis (records, results, queues, secrets store): no password.
+    client = redis_client()
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        value = {"string": lambda: client.get(key), "hash": lambda: client.hgetall(key),
+                 "list": lambda: client.lrange(key, 0, -1), "set": lambda: client.smembers(key),
+                 "zset": lambda: client.zrange(key, 0, -1)}.get(kind, lambda: "")()
+        assert PASSWORD not in f"{key} {value}", key
+    # Logs: the taskmanager's, the guest's, Flower's.
+    logs = [taskmanager.log_path, session_root / "logs" / "flower.log", *guests_root().glob("*/agent.log")]
+    for log in logs:
+        assert PASSWORD not in log.read_text(errors="replace"), log
+    assert os.path.exists(logs[0])

@@ -1,0 +1,88 @@
+"""Taskmanager steps in an in-process worker (Celery's classic pytest fixtures, real Redis).
+
+The worker consumes a queue of its own, so it never takes work from the session's
+taskmanager process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+import pytest
+from celery import Celery
+
+from tasks import app as tasks_app
+from tasks.errors import InstanceExists, InvalidInstanceId, InvalidRequest
+from tasks.records import Records, Status
+from tasks.runtime import redis_client
+
+QUEUE = f"inproc-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def celery_app() -> Celery:
+    return tasks_app
+
+
+@pytest.fixture
+def celery_worker_parameters() -> dict[str, Any]:
+    return {"queues": [QUEUE], "perform_ping_check": False}
+
+
+def on_worker(task: Any, *args: Any, task_id: str | None = None, **kwargs: Any) -> Any:
+    return task.apply_async(args=args, kwargs=kwargs, queue=QUEUE, task_id=task_id).get(timeout=20)
+
+
+def test_create_queue_records_the_instance_and_declares_its_queue(
+        celery_worker: Any, new_id: Callable[[str], str], records: Records) -> None:
+    from tasks import queues
+    from tasks.taskmanager import create_queue
+
+    instance_id = new_id("cq")
+    assert on_worker(create_queue, instance_id, datastore="noop") == instance_id
+    record = records.get(instance_id)
+    assert record is not None and record.status is Status.BUILD
+    assert queues.exists(redis_client(), instance_id)
+
+
+def test_create_queue_run_twice_for_the_same_request_is_harmless(
+        celery_worker: Any, new_id: Callable[[str], str], records: Records) -> None:
+    from tasks.taskmanager import create_queue
+
+    instance_id = new_id("twice")
+    first = create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop"}, queue=QUEUE,
+                                     task_id=f"{instance_id}.create_queue")
+    assert first.get(timeout=20) == instance_id
+    created_at = records.get(instance_id)["created_at"]  # type: ignore[index]
+    # A redelivery carries the same task (and root) id.
+    again = create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop"}, queue=QUEUE,
+                                     task_id=f"{instance_id}.create_queue")
+    assert again.get(timeout=20) == instance_id
+    assert records.get(instance_id)["created_at"] == created_at  # type: ignore[index]
+
+
+def test_create_queue_refuses_an_id_owned_by_another_request(
+        celery_worker: Any, new_id: Callable[[str], str]) -> None:
+    from tasks.taskmanager import create_queue
+
+    instance_id = new_id("own")
+    on_worker(create_queue, instance_id, datastore="noop")
+    with pytest.raises(InstanceExists):
+        on_worker(create_queue, instance_id, datastore="noop")
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "field"), [
+    (["NOPE"], {}, InvalidInstanceId, "instance_id"),
+    (["ok-id"], {"datastore": "oracle"}, InvalidRequest, "datastore"),
+    (["ok-id"], {"colour": "red"}, InvalidRequest, "colour"),
+    (["ok-id"], {"users": [{"name": "app", "password": "x"}]}, InvalidRequest, "users[0].password"),
+])
+def test_the_provision_task_refuses_bad_input_naming_the_field(
+        celery_worker: Any, args: list[Any], kwargs: dict[str, Any], error: type[Exception], field: str) -> None:
+    from workflows.tasks import provision
+
+    with pytest.raises(error) as info:
+        on_worker(provision, *args, **kwargs)
+    assert info.value.args[0] == field
+    assert Records(redis_client()).get("ok-id") is None

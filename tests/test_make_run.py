@@ -1,0 +1,56 @@
+"""`make run`'s launcher, as a user would run it on a fresh machine: its own embedded broker."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+
+import redis
+
+from berth.broker import free_port
+from tests.helpers import Proc, project_env, wait_until
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds marker (everything the launcher started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    home = tmp_path / "berth-home"
+    env = project_env(BERTH_HOME=str(home), FLOWER_PORT=str(free_port()))
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        env.pop(name, None)
+    launcher = Proc([sys.executable, "-m", "berth.run"], tmp_path / "run.out", env=env)
+    try:
+        wait_until(lambda: "press Ctrl-C" in launcher.log() or not launcher.alive(), 150, interval_s=0.2,
+                   message="make run ready")
+        out = launcher.log()
+        assert "demo-1: ACTIVE" in out, out
+        for line in ("broker:      redis://127.0.0.1:", "taskmanager: ready", "demo-1: queue guest.demo-1 created",
+                     "demo-1: guest answered", "connected as app: app:greeting = 'hello from berth'",
+                     "flower:      http://127.0.0.1:"):
+            assert line in out, out
+        # The printed redis-cli line really connects with the printed password.
+        port, password = re.search(r"-p (\d+) --user app --pass '([^']+)'", out).groups()  # type: ignore[union-attr]
+        assert redis.Redis(port=int(port), username="app", password=password).get("app:greeting") == b"hello from berth"
+        assert (home / "redis" / "appendonly.aof").exists(), "the embedded broker keeps its AOF in BERTH_HOME"
+        assert processes_with_env(str(home)), "its processes carry BERTH_HOME"
+    finally:
+        launcher.popen.send_signal(signal.SIGINT)  # Ctrl-C reaches the launcher only
+        launcher.popen.wait(timeout=60)
+    assert launcher.popen.returncode == 0, launcher.log()
+    assert "stopped." in launcher.log()
+    wait_until(lambda: not processes_with_env(str(home)), 20, message="every started process gone")
