@@ -25,7 +25,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float = 20.0, interval_s: 
     while time.monotonic() < deadline:
         last = condition()
         if last:
-            return last
+            return last  # type: ignore[no-any-return]
         time.sleep(interval_s)
     raise AssertionError(f"{message} not met within {timeout_s:g} s (last value: {last!r})")
 
@@ -85,3 +85,15 @@ def guest_command(instance_id: str) -> list[str]:
     from guest.launch import agent_command
 
     return agent_command(instance_id)
+
+
+def wait_for_status(records: Any, instance_id: str, statuses: Any = ("ACTIVE", "FAILED"),
+                    timeout_s: float = 60.0) -> Any:
+    """The instance record once its status is one of statuses."""
+    wanted = {str(s) for s in statuses}
+
+    def reached() -> Any:
+        record = records.get(instance_id)
+        return record if record is not None and record.status.value in wanted else None
+
+    return wait_until(reached, timeout_s, message=f"{instance_id} in {sorted(wanted)}")

@@ -6,8 +6,9 @@ import base64
 import json
 import os
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from berth.broker import free_port
 from berth.paths import guests_root
 from tasks.records import Records, Status
 from tasks.runtime import redis_client
-from tests.helpers import Proc, celery, project_env, wait_until
+from tests.helpers import Proc, celery, project_env, wait_for_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
 AUTH = "admin:flower-test-pw"
@@ -39,6 +40,13 @@ class Flower:
             "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()})
         with urllib.request.urlopen(request, timeout=10) as response:
             return str(response.read().decode())
+
+
+def dump(client: Any, key: str) -> Any:
+    """Whatever a key holds, whatever its type."""
+    readers = {"string": client.get, "hash": client.hgetall, "set": client.smembers,
+               "list": lambda k: client.lrange(k, 0, -1), "zset": lambda k: client.zrange(k, 0, -1)}
+    return readers.get(client.type(key), lambda k: "")(key)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +74,7 @@ def test_flower_send_task_api_starts_a_provisioning(flower: Flower, new_id: Call
     reply = flower.call("/api/task/send-task/workflows.provision",
                         {"args": [instance_id], "kwargs": {"datastore": "noop"}})
     assert reply["task-id"]
-    record = wait_until(lambda: (r := records.get(instance_id)) and r.status is Status.ACTIVE and r, 60,
-                        message="ACTIVE")
+    record = wait_for_status(records, instance_id, [Status.ACTIVE])
     assert record.status is Status.ACTIVE
     # The chain's steps show in Flower as named tasks carrying the instance id.
     tasks = wait_until(lambda: {t["name"] for t in flower.call("/api/tasks?limit=1000").values()
@@ -83,8 +90,7 @@ def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(
     instance_id = new_id("sec")
     reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {
         "datastore": "redis", "users": [{"name": "app", "password": PASSWORD}], "databases": ["app"]}})
-    record = wait_until(lambda: (r := records.get(instance_id)) and r.status is Status.ACTIVE and r, 60,
-                        message="ACTIVE")
+    record = wait_for_status(records, instance_id, [Status.ACTIVE])
     assert record.status is Status.ACTIVE
     # Flower: wait until it has seen the provisioning's own events, then search everything it serves.
     wait_until(lambda: reply["task-id"] in flower.call("/api/tasks?limit=1000"), 20, message="flower saw it")
@@ -94,11 +100,7 @@ def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(
     # Every key and value in Redis (records, results, queues, secrets store): no password.
     client = redis_client()
     for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        value = {"string": lambda: client.get(key), "hash": lambda: client.hgetall(key),
-                 "list": lambda: client.lrange(key, 0, -1), "set": lambda: client.smembers(key),
-                 "zset": lambda: client.zrange(key, 0, -1)}.get(kind, lambda: "")()
-        assert PASSWORD not in f"{key} {value}", key
+        assert PASSWORD not in f"{key} {dump(client, key)}", key
     # Logs: the taskmanager's, the guest's, Flower's.
     logs = [taskmanager.log_path, session_root / "logs" / "flower.log", *guests_root().glob("*/agent.log")]
     for log in logs:

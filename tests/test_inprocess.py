@@ -7,7 +7,8 @@ taskmanager process.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from celery import Celery

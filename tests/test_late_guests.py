@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
 from tasks.records import Records, Status
-from tests.helpers import wait_until
+from tests.helpers import wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
@@ -24,8 +24,7 @@ def test_an_instance_with_a_live_guest_goes_active_while_a_hundred_guests_are_la
                interval_s=0.2, message="all late instances pinging")
     live = new_id("live")
     provision_chain(live, datastore="noop").apply_async()
-    record = wait_until(lambda: (r := records.get(live)) and r.status in (Status.ACTIVE, Status.FAILED) and r, 30,
-                        interval_s=0.1, message="live instance final")
+    record = wait_for_status(records, live, timeout_s=30)
     assert record.status is Status.ACTIVE
     statuses = {records.get(i).status for i in late}  # type: ignore[union-attr]
     assert statuses == {Status.BUILD}, "the live instance finished while every late one was still waiting"

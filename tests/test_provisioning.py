@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -14,17 +15,12 @@ from berth import __version__
 from berth.paths import PROJECT_DIR, guest_dir
 from tasks.errors import GuestUnreachable, InstanceExists, InvalidInstanceId, PrepareFailed, PrepareTimeout
 from tasks.records import Reason, Records, Status
-from tests.helpers import celery, project_env, wait_until
+from tests.helpers import celery, project_env, wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
 STEP_TIMES = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
               "prepare_sent_at", "active_at"]
-
-
-def final(records: Records, instance_id: str, timeout_s: float = 60) -> Any:
-    return wait_until(lambda: (r := records.get(instance_id)) and r.status in (Status.ACTIVE, Status.FAILED) and r,
-                      timeout_s, message=f"{instance_id} ACTIVE or FAILED")
 
 
 def run(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
@@ -50,7 +46,7 @@ def test_celery_call_from_a_shell_provisions_an_instance(new_id: Callable[[str],
                       "--kwargs", json.dumps({"datastore": "noop"})))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "celery call prints the task id"
-    assert final(records, instance_id).status is Status.ACTIVE
+    assert wait_for_status(records, instance_id).status is Status.ACTIVE
 
 
 def test_cli_provision_wait_prints_each_step_and_exits_zero_on_active(new_id: Callable[[str], str]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,8 @@ def test_create_queue_writes_the_binding_and_is_idempotent(new_id: Callable[[str
     queues.declare(app, instance_id)
     queues.declare(app, instance_id)
     assert queues.exists(redis_client(), instance_id)
-    assert redis_client().smembers(binding_keys(instance_id)[0]) == {f"guest.{instance_id}\x06\x16\x06\x16guest.{instance_id}"}
+    member = f"guest.{instance_id}\x06\x16\x06\x16guest.{instance_id}"
+    assert redis_client().smembers(binding_keys(instance_id)[0]) == {member}
 
 
 def test_a_message_sent_before_its_guest_exists_is_consumed_once_the_guest_starts(
