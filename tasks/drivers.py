@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from berth.paths import PROJECT_DIR, berth_home, guest_dir, guests_root
+from berth.paths import PROJECT_DIR, berth_home
 
 PIDFILE = "agent.pid"
 BOOTED_BY = "booted_by"
@@ -79,10 +79,17 @@ class LocalDriver:
 
     name = "local"
 
+    def __init__(self, home: Path | None = None) -> None:
+        """Guests live under home/guests (default: BERTH_HOME, read when used)."""
+        self.home = home
+
+    def guest_dir(self, instance_id: str) -> Path:
+        return (self.home or berth_home()) / "guests" / instance_id
+
     def recorded_pid(self, instance_id: str) -> int | None:
         """The pid the guest was started with; also its process group id."""
         try:
-            return int((guest_dir(instance_id) / PIDFILE).read_text())
+            return int((self.guest_dir(instance_id) / PIDFILE).read_text())
         except (OSError, ValueError):
             return None
 
@@ -97,9 +104,9 @@ class LocalDriver:
         running = self.pid(instance_id)
         if running:
             return {"driver": self.name, "pid": running, "already_running": True}
-        home = guest_dir(instance_id)
+        home = self.guest_dir(instance_id)
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "BERTH_HOME": str(berth_home()),
+        env = {**os.environ, "BERTH_HOME": str(self.home or berth_home()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(
@@ -120,7 +127,7 @@ class LocalDriver:
         """
         pid = self.recorded_pid(instance_id)
         if pid is None or not group_alive(pid):
-            (guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+            (self.guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
             return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -128,14 +135,14 @@ class LocalDriver:
             _reap()
             time.sleep(0.05)
         _signal_group(pid, signal.SIGKILL)
-        (guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+        (self.guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
         _reap()
         return True
 
     def stop_all(self, booted_by: str | None = None, timeout_s: float = 10.0) -> list[str]:
         """Stop every local guest (or only those booted by one taskmanager node)."""
         stopped = []
-        for pidfile in sorted(guests_root().glob(f"*/{PIDFILE}")):
+        for pidfile in sorted(((self.home or berth_home()) / "guests").glob(f"*/{PIDFILE}")):
             home = pidfile.parent
             owner = (home / BOOTED_BY).read_text() if (home / BOOTED_BY).exists() else None
             if booted_by is None or owner == booted_by:

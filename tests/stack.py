@@ -1,0 +1,48 @@
+"""A private Berth stack (broker, taskmanager, BERTH_HOME) for tests that stop or kill its parts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from berth.broker import EmbeddedRedis
+from berth.paths import PROJECT_DIR
+from tasks.drivers import LocalDriver
+from tests.helpers import Proc, celery, project_env, wait_until
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.broker = EmbeddedRedis(root / "redis").start()
+        self.env = project_env(CELERY_BROKER_URL=self.broker.url, CELERY_RESULT_BACKEND=self.broker.url,
+                               BERTH_HOME=str(self.home))
+        self.taskmanagers: list[Proc] = []
+
+    def start_taskmanager(self, name: str = "tm") -> Proc:
+        proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", f"{name}@%h",
+                           "-l", "INFO"), self.root / "logs" / f"{name}-{len(self.taskmanagers)}.log", env=self.env)
+        self.taskmanagers.append(proc)
+        wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, message="taskmanager ready")
+        assert proc.alive(), proc.log()
+        return proc
+
+    def cli(self, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "workflows", *args], capture_output=True, text=True,
+                              cwd=PROJECT_DIR, env=self.env, timeout=timeout_s)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.broker.url, decode_responses=True)
+
+    def guests(self) -> LocalDriver:
+        return LocalDriver(self.home)
+
+    def close(self) -> None:
+        for proc in self.taskmanagers:
+            proc.stop(timeout_s=10)
+        self.guests().stop_all(timeout_s=3)
+        self.broker.stop()

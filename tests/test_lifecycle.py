@@ -1,0 +1,78 @@
+"""Processes coming and going: the taskmanager's local guests, a broker that is down, guest status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from berth.broker import free_port
+from berth.paths import PROJECT_DIR
+from tasks.drivers import group_alive
+from tasks.records import Records
+from tests.helpers import project_env, wait_until
+from tests.stack import Stack
+from workflows import provision_chain
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path)
+    yield s
+    s.close()
+
+
+def test_local_guests_stop_with_the_taskmanager_that_booted_them(stack: Stack) -> None:
+    taskmanager = stack.start_taskmanager()
+    out = stack.cli("provision", "life-1", "--datastore", "redis", "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pid = stack.guests().pid("life-1")
+    assert pid is not None and group_alive(pid)
+    taskmanager.stop()
+    assert "stopped 1 local guest(s) on shutdown: life-1" in taskmanager.log()
+    wait_until(lambda: not group_alive(pid), 15, message="guest and its datastore gone")
+
+
+def test_a_broker_that_is_down_gives_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = project_env(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url, BERTH_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "workflows", "provision", "db-1", "--wait"], capture_output=True,
+                         text=True, cwd=PROJECT_DIR, env=env, timeout=60)
+    assert out.returncode == 3
+    assert f"broker unreachable at {url}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.usefixtures("taskmanager")
+def test_get_status_reports_whether_the_datastore_answers(new_id: Callable[[str], str], records: Records) -> None:
+    from tasks import app, queues
+    from tasks.drivers import LocalDriver
+    from tasks.runtime import redis_client
+
+    instance_id = new_id("stat")
+    provision_chain(instance_id, datastore="redis").apply_async().get(timeout=60)
+    calls = itertools.count()
+
+    def status() -> Any:
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+        return queues.publish(app, redis_client(), instance_id, "guest.get_status",
+                              task_id=f"{instance_id}.status.{next(calls)}", kwargs={"instance_id": instance_id},
+                              expires=expires).get(timeout=20)
+
+    reply = status()
+    assert reply["prepared"] is True
+    assert reply["datastore"]["status"] == "running"
+    assert reply["datastore"]["port"] == records.get(instance_id)["connection"]["port"]  # type: ignore[index]
+    # Stop only the datastore (the agent stays): the guest reports it down.
+    datastore_pid = int((LocalDriver().guest_dir(instance_id) / "redis" / "redis.pid").read_text())
+    os.kill(datastore_pid, signal.SIGKILL)
+    wait_until(lambda: status()["datastore"]["status"] == "down", 20, interval_s=0.2,
+               message="datastore reported down")
