@@ -2,7 +2,8 @@
 
 Each value can be overridden by the environment variable named beside it.
 Berth's own settings carry the ``berth_`` prefix and their unit in their name.
-`berth.config.check_settings` refuses combinations that could lose or repeat work.
+`berth.config.check_settings` refuses combinations that could lose or repeat work: the
+taskmanager will not start and the command line will not send with them.
 """
 
 from __future__ import annotations

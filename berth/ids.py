@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-INSTANCE_ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+# Always used with fullmatch: "db-1\n" is not an id.
+INSTANCE_ID_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?")
 INSTANCE_ID_FORMAT = (
     "1-40 characters: lowercase letters, digits and '-', starting with a letter "
     "and not ending with '-' (e.g. db-1)"
@@ -21,21 +22,6 @@ INSTANCE_ID_FORMAT = (
 KOMBU_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 RESULT_KEY_PREFIX = "celery-task-meta-"
-
-
-class InvalidInstanceId(ValueError):
-    """An instance id that does not have the one documented format."""
-
-    def __init__(self, value: object) -> None:
-        super().__init__(f"invalid instance id {value!r}: expected {INSTANCE_ID_FORMAT}")
-        self.value = value
-
-
-def validate_instance_id(value: object) -> str:
-    """Return ``value`` if it is a well-formed instance id, else raise InvalidInstanceId."""
-    if not isinstance(value, str) or not INSTANCE_ID_RE.match(value):
-        raise InvalidInstanceId(value)
-    return value
 
 
 def guest_queue(instance_id: str) -> str:
@@ -66,12 +52,22 @@ def task_id(instance_id: str, step: str) -> str:
     return f"{instance_id}.{step}"
 
 
-def ping_task_id(instance_id: str, attempt: int) -> str:
-    return task_id(instance_id, f"ping.{attempt}")
+def request_tag(request_id: str) -> str:
+    """The short form of a provisioning request's id that its task ids carry."""
+    return request_id.replace("-", "")[:8]
 
 
-def prepare_task_id(instance_id: str) -> str:
-    return task_id(instance_id, "prepare")
+def step_task_id(instance_id: str, request_id: str, step: str) -> str:
+    """``<id>.<step>.<request>``: the same on a redelivery, different for another request."""
+    return task_id(instance_id, f"{step}.{request_tag(request_id)}")
+
+
+def ping_task_id(instance_id: str, request_id: str, attempt: int) -> str:
+    return step_task_id(instance_id, request_id, f"ping{attempt}")
+
+
+def prepare_task_id(instance_id: str, request_id: str) -> str:
+    return step_task_id(instance_id, request_id, "prepare")
 
 
 def result_key(task_id_: str) -> str:

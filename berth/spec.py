@@ -21,11 +21,12 @@ DATASTORES: dict[str, frozenset[str]] = {
 }
 BOOT_DRIVERS = ("local", "none")
 
-USER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-DATABASE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# Patterns are used with fullmatch (a trailing newline is not allowed).
+USER_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+DATABASE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # Printable ASCII without spaces: safe in an ACL rule and in a shell command line.
-PASSWORD_RE = re.compile(r"^[\x21-\x7e]{8,128}$")
-CONFIG_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+PASSWORD_RE = re.compile(r"[\x21-\x7e]{8,128}")
+CONFIG_VALUE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_USERS = 16
 MAX_DATABASES = 16
 MAX_FAIL_MESSAGE = 200
@@ -78,7 +79,7 @@ class ProvisionRequest:
 
 
 def check_instance_id(value: object) -> str:
-    if not isinstance(value, str) or not INSTANCE_ID_RE.match(value):
+    if not isinstance(value, str) or not INSTANCE_ID_RE.fullmatch(value):
         raise InvalidField("instance_id", f"{value!r} is not valid: expected {INSTANCE_ID_FORMAT}")
     return value
 
@@ -103,11 +104,11 @@ def check_user(value: object, index: int) -> User:
     if not isinstance(value, Mapping) or set(value) != {"name", "password"}:
         raise InvalidField(where, "expected an object with exactly 'name' and 'password'")
     name, password = value["name"], value["password"]
-    if not isinstance(name, str) or not USER_NAME_RE.match(name) or name in RESERVED_USER_NAMES:
+    if not isinstance(name, str) or not USER_NAME_RE.fullmatch(name) or name in RESERVED_USER_NAMES:
         raise InvalidField(f"{where}.name", f"{name!r} is not a valid user name (letter first, then "
                            "letters, digits, '_' or '-', at most 32; not 'default' or 'berth-admin')")
     # Never echo the password itself: this message may reach a log.
-    if not isinstance(password, str) or not PASSWORD_RE.match(password):
+    if not isinstance(password, str) or not PASSWORD_RE.fullmatch(password):
         raise InvalidField(f"{where}.password", "must be 8-128 printable ASCII characters without spaces")
     return User(name, password)
 
@@ -130,7 +131,7 @@ def check_databases(value: object) -> tuple[str, ...]:
     if len(value) > MAX_DATABASES:
         raise InvalidField("databases", f"at most {MAX_DATABASES} databases")
     for i, name in enumerate(value):
-        if not isinstance(name, str) or not DATABASE_NAME_RE.match(name):
+        if not isinstance(name, str) or not DATABASE_NAME_RE.fullmatch(name):
             raise InvalidField(f"databases[{i}]", f"{name!r} is not a valid database name "
                                "(lowercase letter first, then lowercase letters, digits or '_', at most 32)")
     if len(set(value)) != len(value):
@@ -149,11 +150,11 @@ def check_config(datastore: str, value: object) -> dict[str, Any]:
             raise InvalidField(f"config.{key}", f"not a setting of the {datastore} datastore "
                                f"(accepted: {', '.join(sorted(allowed))})")
         if key == "prepare_seconds":
-            check_seconds("config.prepare_seconds", item, low=0, high=3600, allow_zero=True)
+            check_seconds("config.prepare_seconds", item, low=0, high=600, allow_zero=True)
         elif key == "fail":
             if not isinstance(item, str) or not 0 < len(item) <= MAX_FAIL_MESSAGE:
                 raise InvalidField("config.fail", f"expected a message of 1-{MAX_FAIL_MESSAGE} characters")
-        elif not isinstance(item, str) or not CONFIG_VALUE_RE.match(item):
+        elif not isinstance(item, str) or not CONFIG_VALUE_RE.fullmatch(item):
             raise InvalidField(f"config.{key}", "expected a short word (letters, digits, '_', '.', '-')")
     return dict(value)
 

@@ -14,6 +14,7 @@ from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE, guest_queue, unacked_keys
+from guest.recovery import restore_unacked
 
 app = Celery("guest")
 app.config_from_object("celeryconfig")
@@ -28,7 +29,7 @@ app.conf.update(
 
 
 def _check_instance_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not INSTANCE_ID_RE.match(value):
+    if value is not None and not INSTANCE_ID_RE.fullmatch(value):
         raise click.BadParameter(f"{value!r} is not an instance id: expected {INSTANCE_ID_FORMAT}")
     return value
 
@@ -59,6 +60,8 @@ class BindGuestQueue(bootsteps.Step):
         super().__init__(worker, **options)
         if instance_id:
             bind_instance(worker.app, instance_id)
+            # Before the consumer starts, so nothing of this run is taken for a leftover.
+            restore_unacked(worker.app)
 
 
 app.steps["worker"].add(BindGuestQueue)

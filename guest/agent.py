@@ -43,9 +43,13 @@ def ping(instance_id: str) -> dict[str, Any]:
 @app.task(name="guest.prepare", bind=True, acks_late=True, reject_on_worker_lost=True)
 def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, str]],
             databases: list[str], config: dict[str, Any]) -> dict[str, Any]:
-    """Set up the datastore once per prepare id, however often the message arrives."""
+    """Set up the datastore once per prepare id, however often the message arrives.
+
+    The id carries the provisioning request, so a new provisioning that reuses an instance
+    id is a new prepare, while a redelivery of the same message is not.
+    """
     own = own_instance(instance_id)
-    prepare_id = self.request.id
+    prepare_id = str(self.request.id)
     try:
         checked_users = check_users(users)
         check_databases(databases)

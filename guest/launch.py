@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance-id", required=True)
     parser.add_argument("--boot-delay", type=float, default=0.0, help="seconds to wait, like a slow VM")
     args = parser.parse_args(argv)
-    if not INSTANCE_ID_RE.match(args.instance_id):
+    if not INSTANCE_ID_RE.fullmatch(args.instance_id):
         parser.error(f"--instance-id {args.instance_id!r}: expected {INSTANCE_ID_FORMAT}")
     time.sleep(max(0.0, args.boot_delay))
     command = agent_command(args.instance_id)

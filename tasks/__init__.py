@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("tasks")
+app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
 app.config_from_object("celeryconfig")
 app.conf.include = ["tasks.taskmanager", "workflows.tasks"]
 

@@ -9,6 +9,7 @@ guest's whole process group, datastore included. ``none`` expects someone else t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from berth.paths import PROJECT_DIR, berth_home
 
 PIDFILE = "agent.pid"
 BOOTED_BY = "booted_by"
+REQUEST = "request_id"
 # Popen handles of guests this process started, so that their exit status is reaped.
 _children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -27,7 +29,7 @@ _children: dict[str, subprocess.Popen[bytes]] = {}
 class BootDriver(Protocol):
     name: str
 
-    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]: ...
+    def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]: ...
 
     def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool: ...
 
@@ -56,6 +58,13 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
 def _reap() -> None:
     for instance_id, proc in list(_children.items()):
         if proc.poll() is not None:
@@ -67,7 +76,7 @@ class NoneDriver:
 
     name = "none"
 
-    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]:
+    def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]:
         return {"driver": self.name}
 
     def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool:
@@ -98,14 +107,22 @@ class LocalDriver:
         pid = self.recorded_pid(instance_id)
         return pid if pid is not None and pid_alive(pid) else None
 
-    def boot(self, instance_id: str, delay_s: float, booted_by: str) -> dict[str, object]:
-        """Start the guest unless it already runs (a redelivered boot starts no second one)."""
+    def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]:
+        """Start the guest unless it already runs (a redelivered boot starts no second one).
+
+        A new request gets a new machine: what an earlier provisioning of the same id left
+        on this host (its datastore, its prepare journal) is removed first.
+        """
         _reap()
-        running = self.pid(instance_id)
-        if running:
-            return {"driver": self.name, "pid": running, "already_running": True}
         home = self.guest_dir(instance_id)
-        home.mkdir(parents=True, exist_ok=True)
+        running = self.pid(instance_id)
+        if running and _read(home / REQUEST) == request_id:
+            return {"driver": self.name, "pid": running, "already_running": True}
+        if home.exists():
+            self.stop(instance_id, timeout_s=3)
+            shutil.rmtree(home)
+        home.mkdir(parents=True)
+        (home / REQUEST).write_text(request_id)
         env = {**os.environ, "BERTH_HOME": str(self.home or berth_home()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
         with open(home / "agent.log", "ab") as log:

@@ -37,6 +37,8 @@ class Reason(StrEnum):
     GUEST_UNREACHABLE = "GUEST_UNREACHABLE"
     PREPARE_FAILED = "PREPARE_FAILED"
     PREPARE_TIMEOUT = "PREPARE_TIMEOUT"
+    # A step failed in a way none of the above names (the error says which step and why).
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED})

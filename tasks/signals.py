@@ -1,38 +1,25 @@
-"""Signal handlers of the taskmanager app.
-
-`mask_secrets` runs in every process that publishes through this app: the taskmanager,
-`celery -A tasks call`, `python -m workflows` and Flower's send-task API. It rewrites the
-``argsrepr``/``kwargsrepr`` headers that events and Flower display, so passwords never show.
-"""
+"""Signal handlers of the taskmanager app."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from celery.signals import before_task_publish, worker_shutdown
+from celery.signals import worker_init, worker_shutdown
+
+from berth.config import UnsafeSettings, ensure_safe
 
 log = logging.getLogger(__name__)
-MASK = "********"
 
 
-def masked(value: Any) -> Any:
-    """A copy of value with every ``password`` field replaced by a mask."""
-    if isinstance(value, dict):
-        return {k: (MASK if k == "password" else masked(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [masked(v) for v in value]
-    return value
-
-
-@before_task_publish.connect
-def mask_secrets(headers: dict[str, Any] | None = None, body: Any = None, **_: Any) -> None:
-    if not headers or not isinstance(body, (list, tuple)) or len(body) < 2:
-        return
-    args, kwargs = body[0], body[1]
-    if "password" in repr(args) or "password" in repr(kwargs):
-        headers["argsrepr"] = repr(masked(args))
-        headers["kwargsrepr"] = repr(masked(kwargs))
+@worker_init.connect
+def refuse_unsafe_settings(sender: Any = None, **_: Any) -> None:
+    """A taskmanager with settings that could lose or repeat work does not start."""
+    try:
+        ensure_safe(sender.app.conf)
+    except UnsafeSettings as exc:
+        # SystemExit passes Celery's signal guard: the worker stops with this message.
+        raise SystemExit(f"taskmanager refused to start: {exc}") from exc
 
 
 @worker_shutdown.connect

@@ -24,6 +24,7 @@ from tasks.drivers import DRIVERS
 from tasks.errors import (
     BootFailed,
     GuestUnreachable,
+    InstanceExists,
     InstanceNotBuilding,
     InstanceNotFound,
     InvalidRequest,
@@ -34,7 +35,6 @@ from tasks.errors import (
 )
 from tasks.records import InstanceRecord, Reason, Status
 from tasks.runtime import limits, records, redis_client, result_client, setting
-from tasks.signals import masked
 
 log = logging.getLogger("berth.taskmanager")
 
@@ -66,14 +66,43 @@ def _building(instance_id: str) -> InstanceRecord:
     return record
 
 
-def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[ProvisioningError]) -> NoReturn:
-    """FAILED with a reason; nothing of the build is left to run on the guest."""
-    records().transition(instance_id, Status.FAILED, [Status.NEW, Status.BUILD], step,
-                         reason=reason, error=error, failed_at=time.time())
+def _mark_failed(instance_id: str, reason: Reason, step: str, error: str) -> bool:
+    """NEW/BUILD -> FAILED; then nothing of the build is left to run on the guest."""
+    if not records().transition(instance_id, Status.FAILED, [Status.NEW, Status.BUILD], step,
+                                reason=reason, error=error, failed_at=time.time()):
+        return False
     secrets.drop(redis_client(), instance_id)
     # Anything still queued for the guest is stale now: a late guest finds nothing to run.
     queues.purge(redis_client(), instance_id)
+    return True
+
+
+def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[ProvisioningError]) -> NoReturn:
+    if not _mark_failed(instance_id, reason, step, error):
+        record = records().get(instance_id)
+        status = record.status.value if record else "gone"
+        raise InstanceNotBuilding(f"instance {instance_id} is {status}: not failed again by {step}")
     raise exc(f"instance {instance_id}: {reason.value}: {error}")
+
+
+# Errors that say nothing about the instance's own build (or were recorded already).
+NOT_THE_BUILDS_FAULT = (InstanceExists, InstanceNotBuilding, InstanceNotFound, InvalidRequest)
+
+
+class Step(Task):
+    """A provisioning step: any error it did not expect fails its instance, never strands it in BUILD."""
+
+    throws = (ProvisioningError,)
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        instance_id = args[0] if args else kwargs.get("instance_id")
+        if isinstance(exc, NOT_THE_BUILDS_FAULT) or not isinstance(instance_id, str):
+            return
+        step = self.name.rsplit(".", 1)[-1]
+        try:
+            _mark_failed(instance_id, Reason.INTERNAL_ERROR, step, f"{type(exc).__name__}: {exc}"[:300])
+        except Exception:  # noqa: BLE001 - the broker may be the thing that failed; the log keeps it
+            log.exception("instance %s: could not record the failure of %s", instance_id, step)
 
 
 def summary(record: InstanceRecord) -> dict[str, Any]:
@@ -81,11 +110,15 @@ def summary(record: InstanceRecord) -> dict[str, Any]:
             "reason": record.reason, "connection": record.get("connection")}
 
 
-@app.task(name="taskmanager.create_queue", bind=True, throws=(ProvisioningError,))
-def create_queue(self: Task, instance_id: str, **fields: Any) -> str:
-    """Record the instance and declare guest.ID durably before anything is sent to it."""
+@app.task(base=Step, name="taskmanager.create_queue", bind=True)
+def create_queue(self: Task, instance_id: str, request_id: str | None = None, **fields: Any) -> str:
+    """Record the instance and declare guest.ID durably before anything is sent to it.
+
+    ``request_id`` names the provisioning request: the same request arriving again (a
+    redelivery) goes on; another request for an id in use is refused with InstanceExists.
+    """
     request = validated(instance_id, **fields)
-    if records().create(request, request_id=self.request.root_id or self.request.id):
+    if records().create(request, request_id=request_id or self.request.root_id or self.request.id):
         ttl = request.boot_delay_s + request.ping_deadline_s + request.prepare_deadline_s + SECRETS_MARGIN_S
         secrets.store(redis_client(), instance_id, request.users, ttl)
     queues.declare(app, instance_id)
@@ -95,13 +128,14 @@ def create_queue(self: Task, instance_id: str, **fields: Any) -> str:
     return instance_id
 
 
-@app.task(name="taskmanager.boot_guest", bind=True, throws=(ProvisioningError,))
+@app.task(base=Step, name="taskmanager.boot_guest", bind=True)
 def boot_guest(self: Task, instance_id: str) -> str:
     """Start the guest with the instance's boot driver (`none` leaves it to someone else)."""
     record = _building(instance_id)
     driver = DRIVERS[record["boot"]]
     try:
-        info = driver.boot(instance_id, record["boot_delay_s"], booted_by=self.request.hostname or "")
+        info = driver.boot(instance_id, record["boot_delay_s"], booted_by=self.request.hostname or "",
+                           request_id=record["request_id"])
     except OSError as exc:
         _fail(instance_id, Reason.BOOT_FAILED, "boot_guest", f"{driver.name} driver: {exc}", BootFailed)
     records().update(instance_id, booted_at=time.time())
@@ -109,11 +143,11 @@ def boot_guest(self: Task, instance_id: str) -> str:
     return instance_id
 
 
-def _pong(instance_id: str, attempt: int) -> dict[str, Any] | None:
+def _pong(instance_id: str, request_id: str, attempt: int) -> dict[str, Any] | None:
     """The guest's answer to either of the last two pings, if it answered as this instance."""
     for earlier in (attempt - 1, attempt - 2):
         if earlier >= 0:
-            answer = waiting.peek(result_client(), ping_task_id(instance_id, earlier))
+            answer = waiting.peek(result_client(), ping_task_id(instance_id, request_id, earlier))
             if answer and answer.ok and answer.result.get("instance_id") == instance_id:
                 return dict(answer.result)
     return None
@@ -126,14 +160,14 @@ def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
     return instance_id
 
 
-@app.task(name="taskmanager.ping_guest", bind=True, throws=(ProvisioningError,), max_retries=None)
+@app.task(base=Step, name="taskmanager.ping_guest", bind=True, max_retries=None)
 def ping_guest(self: Task, instance_id: str) -> str:
     """Ping through guest.ID until it answers or the per-instance deadline passes."""
     record = _building(instance_id)
     attempt, now = self.request.retries, time.time()
     records().set_once(instance_id, "ping_started_at", now)
     deadline_at = records().set_once(instance_id, "ping_deadline_at", now + record["ping_deadline_s"])
-    pong = _pong(instance_id, attempt)
+    pong = _pong(instance_id, record["request_id"], attempt)
     if pong:
         return _guest_ready(instance_id, pong, attempt)
     if now >= deadline_at:
@@ -141,7 +175,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
     countdown = next_countdown(attempt, now=now, deadline_at=deadline_at,
                                base_s=setting("ping_backoff_base_s"), cap_s=setting("ping_backoff_cap_s"))
-    ping_id = ping_task_id(instance_id, attempt)
+    ping_id = ping_task_id(instance_id, record["request_id"], attempt)
     # A ping lives until the check after next, then expires unread: a guest that comes up
     # late answers a fresh ping instead of working through a backlog of stale ones.
     expires = now + 2 * countdown + 1.0
@@ -156,7 +190,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
     raise self.retry(countdown=countdown)
 
 
-@app.task(name="taskmanager.send_prepare", bind=True, throws=(ProvisioningError,))
+@app.task(base=Step, name="taskmanager.send_prepare", bind=True)
 def send_prepare(self: Task, instance_id: str) -> str:
     """Publish guest.prepare: fixed id, acks_late on the guest, expiring at the prepare deadline."""
     record = _building(instance_id)
@@ -171,13 +205,12 @@ def send_prepare(self: Task, instance_id: str) -> str:
               "users": [{"name": n, "password": passwords[n]} for n in record["users"]],
               "databases": record["databases"], "config": record["config"]}
     queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs,
-                   task_id=prepare_task_id(instance_id), expires=_utc(deadline_at),
-                   kwargsrepr=repr(masked(kwargs)))
+                   task_id=prepare_task_id(instance_id, record["request_id"]), expires=_utc(deadline_at))
     records().set_once(instance_id, "prepare_sent_at", now)
     return instance_id
 
 
-@app.task(name="taskmanager.verify", bind=True, throws=(ProvisioningError,), max_retries=None)
+@app.task(base=Step, name="taskmanager.verify", bind=True, max_retries=None)
 def verify(self: Task, instance_id: str) -> dict[str, Any]:
     """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
     current = records().get(instance_id)
@@ -187,7 +220,7 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
     attempt, now = self.request.retries, time.time()
     deadline_at = float(record["prepare_deadline_at"])
     wait_s = setting("verify_reply_wait_s") if attempt == 0 else 0.0
-    answer = waiting.wait_for_result(result_client(), prepare_task_id(instance_id),
+    answer = waiting.wait_for_result(result_client(), prepare_task_id(instance_id, record["request_id"]),
                                      min(wait_s, max(0.0, deadline_at - now)))
     if answer is not None and answer.ok:
         return _activate(instance_id, answer.result)

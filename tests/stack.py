@@ -15,9 +15,9 @@ from tests.helpers import Proc, celery, project_env, wait_until
 
 
 class Stack:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, home: Path | None = None) -> None:
         self.root = root
-        self.home = root / "home"
+        self.home = home or root / "home"
         self.broker = EmbeddedRedis(root / "redis").start()
         self.env = project_env(CELERY_BROKER_URL=self.broker.url, CELERY_RESULT_BACKEND=self.broker.url,
                                BERTH_HOME=str(self.home))

@@ -17,6 +17,7 @@ from berth.paths import guests_root
 from tasks.records import Records, Status
 from tasks.runtime import redis_client
 from tests.helpers import Proc, celery, project_env, wait_for_status, wait_until
+from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
 AUTH = "admin:flower-test-pw"
@@ -106,3 +107,41 @@ def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(
     for log in logs:
         assert PASSWORD not in log.read_text(errors="replace"), log
     assert os.path.exists(logs[0])
+
+
+def test_no_event_of_a_provisioning_carries_its_password(new_id: Callable[[str], str], records: Records) -> None:
+    """Every event on the wire (task-sent included), not only what Flower ends up showing."""
+    import threading
+
+    from tasks import app
+
+    seen: list[str] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": lambda event: seen.append(json.dumps(event))})
+            ready.set()
+            while not stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    continue
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    wait_until(lambda: seen, 10, message="the receiver hears the taskmanager's heartbeats")
+    instance_id = new_id("evt")
+    provision_chain(instance_id, datastore="redis", users=[{"name": "app", "password": PASSWORD}],
+                    databases=["app"]).apply_async().get(timeout=60)
+    wait_until(lambda: any(instance_id in e and "task-succeeded" in e and "verify" in e for e in seen), 20,
+               message="the chain's events received")
+    stop.set()
+    thread.join(5)
+    sent = [e for e in seen if '"task-sent"' in e and "create_queue" in e]
+    assert sent and "********" in sent[0], "the create_queue task-sent event was seen, masked"
+    assert not [e for e in seen if PASSWORD in e]

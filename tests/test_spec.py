@@ -26,8 +26,8 @@ def test_well_formed_ids_are_accepted(good: str) -> None:
     assert request(good).instance_id == good
 
 
-@pytest.mark.parametrize("bad", ["", "DB-1", "1db", "db-", "db.1", "db_1", "db 1", "x" * 41, "guest.db-1",
-                                 "db-1*", "db/1", None, 7, ["db-1"]])
+@pytest.mark.parametrize("bad", ["", "db-1\n", "\ndb-1", "DB-1", "1db", "db-", "db.1", "db_1", "db 1", "x" * 41,
+                                 "guest.db-1", "db-1*", "db/1", None, 7, ["db-1"]])
 def test_malformed_ids_are_refused_with_the_field_named(bad: Any) -> None:
     with pytest.raises(InvalidField) as info:
         request(bad)

@@ -18,6 +18,7 @@ import redis
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
+from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import INSTANCE_ID_FORMAT
 from tasks import app
 from tasks.errors import InvalidRequest
@@ -205,6 +206,11 @@ COMMANDS = {"provision": cmd_provision, "show": cmd_show, "list": cmd_list}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        ensure_safe(app.conf)
+    except UnsafeSettings as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except CliError as exc:

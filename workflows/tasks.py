@@ -20,10 +20,11 @@ def provision(self: Task, instance_id: str, **request: Any) -> dict[str, Any]:
     Returns at once with the id of the chain's last task; follow the instance with
     ``python -m workflows show ID`` or in Flower.
     """
-    chain = provision_chain(instance_id, **request)
+    # This task's id names the request, so a redelivery of it continues the same provisioning.
+    chain = provision_chain(instance_id, request_id=self.request.id, **request)
     existing = records().get(instance_id)
     if existing is not None and existing.status is not Status.DELETED \
-            and existing.get("request_id") != (self.request.root_id or self.request.id):
+            and existing.get("request_id") != self.request.id:
         raise InstanceExists(f"instance {instance_id} already exists (status {existing.status.value})")
     result = chain.apply_async()
     return {"instance_id": instance_id, "status": Status.NEW.value, "verify_task_id": result.id}

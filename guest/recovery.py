@@ -1,0 +1,29 @@
+"""A restarted guest takes back what its previous run was given and never acknowledged.
+
+Each guest has its own ack-emulation keys (``unacked.<id>``...), and exactly one agent serves
+an instance, so everything in them at start-up was in flight in a run that died (SIGKILL,
+power loss). Putting it back at once means a prepare interrupted mid-way is redelivered
+when the guest comes back, not an hour later when the visibility timeout would expire.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+log = logging.getLogger("berth.guest")
+
+
+def restore_unacked(app: Celery) -> int:
+    """Move this guest's unacknowledged messages back to its queue; return how many."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=None, interval_start=0.5, interval_step=0.5, interval_max=2.0)
+        channel = conn.default_channel
+        client = channel.client
+        tags = client.hkeys(channel.unacked_key)
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, client=client)
+    if tags:
+        log.warning("restored %d message(s) a previous run of this guest took and never acknowledged", len(tags))
+    return len(tags)

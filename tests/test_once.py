@@ -1,0 +1,154 @@
+"""Prepare is never lost and never applied twice; nothing stale runs; nothing is stranded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import chain
+
+from berth.ids import binding_keys, prepare_task_id
+from tasks import app, queues
+from tasks.drivers import LocalDriver
+from tasks.errors import InstanceExists, PrepareTimeout, QueueMissing
+from tasks.records import Reason, Records, Status
+from tasks.runtime import redis_client
+from tasks.taskmanager import create_queue, send_prepare, verify
+from tests.helpers import Proc, wait_for_status, wait_until
+from tests.stack import Stack
+from workflows import provision_chain
+
+pytestmark = pytest.mark.usefixtures("taskmanager")
+
+
+def journal(instance_id: str, home: Path | None = None) -> dict[str, Any]:
+    path = LocalDriver(home).guest_dir(instance_id) / "prepare.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def test_provisioning_the_same_id_twice_from_python_is_refused(new_id: Callable[[str], str],
+                                                              records: Records) -> None:
+    instance_id = new_id("twice")
+    first = provision_chain(instance_id, datastore="noop", config={"prepare_seconds": 1}).apply_async()
+    wait_for_status(records, instance_id, [Status.BUILD])
+    second = provision_chain(instance_id, datastore="redis").apply_async()
+    assert first.get(timeout=60)["status"] == "ACTIVE"
+    record = records.get(instance_id)
+    assert record is not None and record["datastore"] == "noop", "the second request changed nothing"
+    with pytest.raises(InstanceExists):
+        second.parent.parent.parent.parent.get(timeout=30)  # its create_queue refused it
+
+
+def test_a_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once(
+        new_id: Callable[[str], str], records: Records, start_guest: Callable[[str], Proc]) -> None:
+    instance_id = new_id("kill")
+    guest = start_guest(instance_id)
+    provision_chain(instance_id, datastore="noop", boot="none", prepare_deadline_s=60,
+                    config={"prepare_seconds": 2}).apply_async()
+    wait_until(lambda: "guest.prepare[" in guest.log(), 30, message="prepare started on the guest")
+    guest.signal(signal.SIGKILL)
+    guest.popen.wait()
+    record = records.get(instance_id)
+    assert record is not None
+    prepare_id = prepare_task_id(instance_id, record["request_id"])
+    assert journal(instance_id)["deliveries"] == {prepare_id: 1}
+    assert not journal(instance_id)["applied"]
+    restarted = start_guest(instance_id)
+    record = wait_for_status(records, instance_id, timeout_s=30)
+    assert record.status is Status.ACTIVE, record.fields
+    assert "restored 1 message(s)" in restarted.log()
+    entry = journal(instance_id)
+    assert list(entry["deliveries"].values()) == [2] and list(entry["applied"].values()) == [1]
+
+
+def test_the_same_prepare_delivered_twice_is_applied_once(new_id: Callable[[str], str], records: Records,
+                                                         start_guest: Callable[[str], Proc]) -> None:
+    instance_id = new_id("dup")
+    provision_chain(instance_id, datastore="noop").apply_async().get(timeout=60)
+    record = records.get(instance_id)
+    assert record is not None
+    prepare_id = prepare_task_id(instance_id, record["request_id"])
+    kwargs = {"instance_id": instance_id, "datastore": "noop", "users": [], "databases": [], "config": {}}
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+    # A second delivery of the very same message (as after a visibility timeout).
+    queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs, task_id=prepare_id,
+                   expires=expires)
+    wait_until(lambda: journal(instance_id)["deliveries"][prepare_id] == 2, 30, message="second delivery")
+    entry = journal(instance_id)
+    assert list(entry["deliveries"].values()) == [2] and list(entry["applied"].values()) == [1]
+
+
+def test_a_guest_that_appears_after_a_prepare_timeout_runs_no_stale_prepare(
+        new_id: Callable[[str], str], records: Records, start_guest: Callable[[str], Proc]) -> None:
+    instance_id = new_id("stale")
+    # The chain's own steps, with the guest still absent when prepare is sent.
+    steps = chain(create_queue.si(instance_id, datastore="noop", boot="none", prepare_deadline_s=1),
+                  send_prepare.si(instance_id), verify.si(instance_id))
+    with pytest.raises(PrepareTimeout):
+        steps.apply_async().get(timeout=30)
+    record = records.get(instance_id)
+    assert record is not None and record.reason == Reason.PREPARE_TIMEOUT
+    guest = start_guest(instance_id)
+    wait_until(lambda: " ready." in guest.log(), 30, message="guest ready")
+    probe = queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
+                           task_id=f"{instance_id}.probe", expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30))
+    assert probe.get(timeout=20)["instance_id"] == instance_id
+    assert "guest.prepare" not in guest.log().split(" ready.", 1)[1]
+    assert journal(instance_id) == {}
+
+
+def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[str], str],
+                                                           start_guest: Callable[[str], Proc]) -> None:
+    instance_id = new_id("exp")
+    queues.declare(app, instance_id)
+    expires_at = time.time() + 0.5
+    stale = queues.publish(app, redis_client(), instance_id, "guest.prepare", task_id=f"{instance_id}.prepare.x",
+                           kwargs={"instance_id": instance_id, "datastore": "noop", "users": [], "databases": [],
+                                   "config": {}}, expires=dt.datetime.fromtimestamp(expires_at, dt.UTC))
+    wait_until(lambda: time.time() > expires_at + 0.1, 5, message="prepare expired")
+    start_guest(instance_id)
+    assert wait_until(lambda: stale.state == "REVOKED" and stale.state, 30, message="expired prepare revoked")
+    assert journal(instance_id) == {}
+
+
+def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_it(
+        new_id: Callable[[str], str], records: Records) -> None:
+    instance_id = new_id("oops")
+    create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"}).get(timeout=20)
+    redis_client().delete(*binding_keys(instance_id))  # the queue vanished behind the taskmanager's back
+    with pytest.raises(QueueMissing):
+        send_prepare.apply_async(args=[instance_id]).get(timeout=20)
+    record = records.get(instance_id)
+    assert record is not None and record.status is Status.FAILED and record.reason == Reason.INTERNAL_ERROR
+    assert "QueueMissing" in record["error"]
+
+
+def test_a_new_request_for_an_id_gets_a_fresh_guest_not_the_old_ones_journal(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = Stack(tmp_path / "a", home=home)
+    try:
+        first.start_taskmanager()
+        out = first.cli("provision", "again-1", "--datastore", "redis", "--user", "app:first-password",
+                        "--database", "app", "--wait")
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        first.close()
+    # A second control plane (new broker, no record of again-1) on the same host.
+    second = Stack(tmp_path / "b", home=home)
+    try:
+        second.start_taskmanager()
+        out = second.cli("provision", "again-1", "--datastore", "redis", "--user", "app:second-password",
+                         "--database", "app", "--wait")
+        assert out.returncode == 0, out.stdout + out.stderr
+        port = json.loads(second.cli("show", "again-1").stdout)["connection"]["port"]
+        assert redis.Redis(port=port, username="app", password="second-password").ping()
+        assert list(journal("again-1", home)["applied"].values()) == [1]
+    finally:
+        second.close()
