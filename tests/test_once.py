@@ -130,25 +130,25 @@ def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_i
     assert "QueueMissing" in record["error"]
 
 
-def test_a_new_request_for_an_id_gets_a_fresh_guest_not_the_old_ones_journal(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    first = Stack(tmp_path / "a", home=home)
+def provision_on_fresh_stack(root: Path, home: Path, password: str) -> int:
+    """Provision again-1 (redis, user app) on a new broker and taskmanager; return its port."""
+    stack = Stack(root, home=home)
     try:
-        first.start_taskmanager()
-        out = first.cli("provision", "again-1", "--datastore", "redis", "--user", "app:first-password",
+        stack.start_taskmanager()
+        out = stack.cli("provision", "again-1", "--datastore", "redis", "--user", f"app:{password}",
                         "--database", "app", "--wait")
         assert out.returncode == 0, out.stdout + out.stderr
-    finally:
-        first.close()
-    # A second control plane (new broker, no record of again-1) on the same host.
-    second = Stack(tmp_path / "b", home=home)
-    try:
-        second.start_taskmanager()
-        out = second.cli("provision", "again-1", "--datastore", "redis", "--user", "app:second-password",
-                         "--database", "app", "--wait")
-        assert out.returncode == 0, out.stdout + out.stderr
-        port = json.loads(second.cli("show", "again-1").stdout)["connection"]["port"]
-        assert redis.Redis(port=port, username="app", password="second-password").ping()
+        port = int(json.loads(stack.cli("show", "again-1").stdout)["connection"]["port"])
+        assert redis.Redis(port=port, username="app", password=password).ping()
         assert list(journal("again-1", home)["applied"].values()) == [1]
+        return port
     finally:
-        second.close()
+        stack.close()
+
+
+def test_a_new_request_for_an_id_gets_a_fresh_guest_not_the_old_ones_journal(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    provision_on_fresh_stack(tmp_path / "a", home, "first-password")
+    # A second control plane (new broker, no record of again-1) on the same host: a new machine,
+    # whose datastore has the second request's password and no trace of the first.
+    provision_on_fresh_stack(tmp_path / "b", home, "second-password")

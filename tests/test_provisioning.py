@@ -124,7 +124,7 @@ def test_a_prepare_slower_than_its_deadline_fails_prepare_timeout(new_id: Callab
         result.get(timeout=30)
     record = records.get(instance_id)
     assert record is not None and record.reason == Reason.PREPARE_TIMEOUT
-    assert record["failed_at"] - record["prepare_sent_at"] <= 2.0
+    assert record["failed_at"] - record["prepare_sent_at"] <= 2.5, "at the 1 s deadline, not long after"
 
 
 def test_the_redis_datastore_accepts_the_provisioned_password_and_refuses_a_wrong_one(
