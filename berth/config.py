@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss")
 # A prepare must be long finished before Redis hands its message to another consumer.
 VISIBILITY_MARGIN_S = 60.0
 
@@ -25,7 +25,7 @@ def check_settings(conf: Mapping[str, Any]) -> list[str]:
     for name in ("broker_url", "result_backend"):
         scheme = urlparse(str(conf.get(name) or "")).scheme
         if scheme not in REDIS_SCHEMES:
-            problems.append(f"{name} must be a Redis URL (redis://, rediss://, unix://), got scheme {scheme!r}: "
+            problems.append(f"{name} must be a Redis URL (redis:// or rediss://), got scheme {scheme!r}: "
                             "guest queues, instance records and guest answers are read from Redis")
     transport = _transport(conf)
     if transport.get("global_keyprefix"):

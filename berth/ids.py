@@ -9,6 +9,7 @@ instance whose id is a prefix of this one (``db-1`` vs ``db-10``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 # Always used with fullmatch: "db-1\n" is not an id.
@@ -53,8 +54,8 @@ def task_id(instance_id: str, step: str) -> str:
 
 
 def request_tag(request_id: str) -> str:
-    """The short form of a provisioning request's id that its task ids carry."""
-    return request_id.replace("-", "")[:8]
+    """The short form of a provisioning request's id that its task ids carry (12 hex digits)."""
+    return hashlib.sha1(request_id.encode(), usedforsecurity=False).hexdigest()[:12]
 
 
 def step_task_id(instance_id: str, request_id: str, step: str) -> str:

@@ -128,7 +128,7 @@ def stop(honcho: subprocess.Popen[bytes]) -> None:
             honcho.wait()
     from tasks.drivers import LocalDriver
 
-    LocalDriver().stop_all(timeout_s=3)
+    LocalDriver().stop_all()
     broker_url_file().unlink(missing_ok=True)
     print("stopped.", flush=True)
 

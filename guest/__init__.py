@@ -13,8 +13,10 @@ import click
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
+from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE, guest_queue, unacked_keys
-from guest.recovery import restore_unacked
+from berth.paths import guest_dir
+from guest.recovery import AgentRunning, hold_agent_lock, restore_unacked
 
 app = Celery("guest")
 app.config_from_object("celeryconfig")
@@ -59,6 +61,12 @@ class BindGuestQueue(bootsteps.Step):
     def __init__(self, worker: Any, instance_id: str | None = None, **options: Any) -> None:
         super().__init__(worker, **options)
         if instance_id:
+            try:
+                ensure_safe(worker.app.conf)
+                # One agent per instance: its unacked keys are then its own to restore.
+                hold_agent_lock(guest_dir(instance_id))
+            except (UnsafeSettings, AgentRunning) as exc:
+                raise SystemExit(f"guest agent for {instance_id} refused to start: {exc}") from exc
             bind_instance(worker.app, instance_id)
             # Before the consumer starts, so nothing of this run is taken for a leftover.
             restore_unacked(worker.app)

@@ -8,11 +8,40 @@ when the guest comes back, not an hour later when the visibility timeout would e
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from pathlib import Path
+from typing import IO
 
 from celery import Celery
 
 log = logging.getLogger("berth.guest")
+# The open lock file; the kernel releases the lock when this process ends, however it ends.
+_lock: IO[str] | None = None
+
+
+class AgentRunning(RuntimeError):
+    """Another agent for the same instance already runs on this host."""
+
+
+def hold_agent_lock(home: Path) -> None:
+    """Take this instance's agent lock for the life of the process, or raise AgentRunning."""
+    global _lock
+    home.mkdir(parents=True, exist_ok=True)
+    handle = open(home / "agent.lock", "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise AgentRunning(f"another agent (pid {holder}) already serves it on this host") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _lock = handle
 
 
 def restore_unacked(app: Celery) -> int:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from celery import Celery
 
+# MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
 app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
 app.config_from_object("celeryconfig")
 app.conf.include = ["tasks.taskmanager", "workflows.tasks"]
 
-from tasks import signals  # noqa: E402,F401  (masks secrets in every process that loads the app)
+from tasks import signals  # noqa: E402,F401  (settings check at start; local guests stop with it)
 
 __all__ = ["app"]

@@ -8,6 +8,7 @@ guest's whole process group, datastore included. ``none`` expects someone else t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -26,12 +27,16 @@ REQUEST = "request_id"
 _children: dict[str, subprocess.Popen[bytes]] = {}
 
 
+class BootError(OSError):
+    """The driver could not start the guest."""
+
+
 class BootDriver(Protocol):
     name: str
 
     def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]: ...
 
-    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool: ...
+    def stop(self, instance_id: str, timeout_s: float | None = None) -> bool: ...
 
 
 def _stat(pid: int | str) -> list[str] | None:
@@ -65,6 +70,18 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _agent_lock_held(home: Path) -> bool:
+    """Whether a live guest agent holds this guest's lock (see guest.recovery)."""
+    try:
+        with open(home / "agent.lock") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def _reap() -> None:
     for instance_id, proc in list(_children.items()):
         if proc.poll() is not None:
@@ -79,7 +96,7 @@ class NoneDriver:
     def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]:
         return {"driver": self.name}
 
-    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool:
+    def stop(self, instance_id: str, timeout_s: float | None = None) -> bool:
         return False
 
 
@@ -116,10 +133,15 @@ class LocalDriver:
         _reap()
         home = self.guest_dir(instance_id)
         running = self.pid(instance_id)
-        if running and _read(home / REQUEST) == request_id:
+        owner = _read(home / REQUEST)
+        if running and owner == request_id:
             return {"driver": self.name, "pid": running, "already_running": True}
+        pgid = self.recorded_pid(instance_id)
+        if (pgid is not None and group_alive(pgid)) or _agent_lock_held(home):
+            # Never take a machine from under another provisioning: delete that one first.
+            raise BootError(f"a guest of another provisioning (request {owner}) still runs for {instance_id} "
+                            f"on this host (pid {pgid})")
         if home.exists():
-            self.stop(instance_id, timeout_s=3)
             shutil.rmtree(home)
         home.mkdir(parents=True)
         (home / REQUEST).write_text(request_id)
@@ -137,8 +159,10 @@ class LocalDriver:
         _children[instance_id] = proc
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
 
-    def stop(self, instance_id: str, timeout_s: float = 10.0) -> bool:
+    def stop(self, instance_id: str, timeout_s: float | None = None) -> bool:
         """SIGTERM the guest's process group, SIGKILL what is left after timeout_s.
+
+        timeout_s defaults to the berth_guest_stop_timeout_s setting.
 
         The whole group goes, so a datastore left behind by a crashed agent goes too.
         """
@@ -147,7 +171,7 @@ class LocalDriver:
             (self.guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
             return False
         _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + (_stop_timeout_s() if timeout_s is None else timeout_s)
         while group_alive(pid) and time.monotonic() < deadline:
             _reap()
             time.sleep(0.05)
@@ -156,7 +180,7 @@ class LocalDriver:
         _reap()
         return True
 
-    def stop_all(self, booted_by: str | None = None, timeout_s: float = 10.0) -> list[str]:
+    def stop_all(self, booted_by: str | None = None, timeout_s: float | None = None) -> list[str]:
         """Stop every local guest (or only those booted by one taskmanager node)."""
         stopped = []
         for pidfile in sorted(((self.home or berth_home()) / "guests").glob(f"*/{PIDFILE}")):
@@ -166,6 +190,12 @@ class LocalDriver:
                 if self.stop(home.name, timeout_s):
                     stopped.append(home.name)
         return stopped
+
+
+def _stop_timeout_s() -> float:
+    from tasks import app
+
+    return float(app.conf.berth_guest_stop_timeout_s)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -12,31 +12,43 @@ from __future__ import annotations
 from typing import Any
 
 from celery.app.amqp import AMQP
+from celery.utils.saferepr import saferepr
 
 MASK = "********"
+SECRET_KEYS = frozenset({"password", "users"})
+# As long as Celery's own representations get.
+REPR_MAX = 1024
+
+
+def _masked_users(users: Any) -> Any:
+    """Users keep their names; anything not shaped like [{name, password}] is hidden whole."""
+    if isinstance(users, (list, tuple)) and all(isinstance(u, dict) for u in users):
+        return [{k: (MASK if k == "password" else masked(v)) for k, v in u.items()} for u in users]
+    return MASK
 
 
 def masked(value: Any) -> Any:
-    """A copy of value with every ``password`` field replaced by a mask."""
+    """A copy of value with every password (and any malformed users list) replaced by a mask."""
     if isinstance(value, dict):
-        return {k: (MASK if k == "password" else masked(v)) for k, v in value.items()}
+        return {k: MASK if k == "password" else _masked_users(v) if k == "users" else masked(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [masked(v) for v in value]
     return value
 
 
-def holds_password(value: Any) -> bool:
+def holds_secret(value: Any) -> bool:
     if isinstance(value, dict):
-        return "password" in value or any(holds_password(v) for v in value.values())
+        return bool(SECRET_KEYS & set(value)) or any(holds_secret(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(holds_password(v) for v in value)
+        return any(holds_secret(v) for v in value)
     return False
 
 
 class MaskingAMQP(AMQP):
     def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
                    *rest: Any, **options: Any) -> Any:
-        if holds_password(args) or holds_password(kwargs):
-            options["argsrepr"] = repr(masked(list(args or ())))
-            options["kwargsrepr"] = repr(masked(dict(kwargs or {})))
+        if holds_secret(args) or holds_secret(kwargs):
+            options["argsrepr"] = saferepr(masked(list(args or ())), maxlen=REPR_MAX)
+            options["kwargsrepr"] = saferepr(masked(dict(kwargs or {})), maxlen=REPR_MAX)
         return super().as_task_v2(task_id, name, args, kwargs, *rest, **options)

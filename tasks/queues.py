@@ -15,7 +15,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
-from berth.ids import binding_keys, binding_member, guest_queue, queue_lists
+from berth.ids import binding_keys, binding_member, guest_queue, queue_lists, unacked_keys
 from tasks.errors import QueueMissing
 
 
@@ -44,6 +44,12 @@ def purge(client: redis.Redis, instance_id: str) -> int:
             pipe.delete(name)
         counts = pipe.execute()
     return int(sum(counts[::2]))
+
+
+def forget_unacked(client: redis.Redis, instance_id: str) -> None:
+    """Drop what the guest took and never acknowledged, so a restarted guest does not restore it."""
+    keys = unacked_keys(instance_id)
+    client.delete(keys["unacked_key"], keys["unacked_index_key"])
 
 
 def publish(

@@ -14,9 +14,12 @@ import logging
 import time
 from typing import Any, NoReturn
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
-from berth.ids import ping_task_id, prepare_task_id
+from berth.ids import ping_task_id, prepare_task_id, step_task_id
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
 from tasks import app, queues, secrets, waiting
@@ -72,8 +75,10 @@ def _mark_failed(instance_id: str, reason: Reason, step: str, error: str) -> boo
                                 reason=reason, error=error, failed_at=time.time()):
         return False
     secrets.drop(redis_client(), instance_id)
-    # Anything still queued for the guest is stale now: a late guest finds nothing to run.
+    # Anything queued for the guest, or taken and not yet acknowledged, is stale now:
+    # a guest that comes (back) later finds nothing to run.
     queues.purge(redis_client(), instance_id)
+    queues.forget_unacked(redis_client(), instance_id)
     return True
 
 
@@ -90,9 +95,26 @@ NOT_THE_BUILDS_FAULT = (InstanceExists, InstanceNotBuilding, InstanceNotFound, I
 
 
 class Step(Task):
-    """A provisioning step: any error it did not expect fails its instance, never strands it in BUILD."""
+    """A provisioning step: never strands its instance in BUILD.
+
+    A broker or Redis hiccup retries the step with backoff; an error nobody planned for fails
+    the instance with INTERNAL_ERROR; a retry that cannot be published keeps the delivery.
+    """
 
     throws = (ProvisioningError,)
+    autoretry_for = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
+    retry_backoff = 1
+    retry_backoff_max = 10
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as exc:
+            if exc.requeue:
+                raise
+            # Celery drops a message whose retry could not be published; put it back instead,
+            # so the step runs again once the broker answers.
+            raise Reject(exc.reason, requeue=True) from exc
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         instance_id = args[0] if args else kwargs.get("instance_id")
@@ -100,6 +122,10 @@ class Step(Task):
             return
         step = self.name.rsplit(".", 1)[-1]
         try:
+            record = records().get(instance_id)
+            # Only the instance's own chain may fail it: a stray call of a step from a shell may not.
+            if record is None or task_id != step_task_id(instance_id, record["request_id"], step):
+                return
             _mark_failed(instance_id, Reason.INTERNAL_ERROR, step, f"{type(exc).__name__}: {exc}"[:300])
         except Exception:  # noqa: BLE001 - the broker may be the thing that failed; the log keeps it
             log.exception("instance %s: could not record the failure of %s", instance_id, step)

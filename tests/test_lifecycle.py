@@ -76,3 +76,43 @@ def test_get_status_reports_whether_the_datastore_answers(new_id: Callable[[str]
     os.kill(datastore_pid, signal.SIGKILL)
     wait_until(lambda: status()["datastore"]["status"] == "down", 20, interval_s=0.2,
                message="datastore reported down")
+
+
+def test_a_second_agent_for_the_same_instance_refuses_to_start(new_id: Callable[[str], str],
+                                                               start_guest: Callable[[str], Any]) -> None:
+    instance_id = new_id("solo")
+    first = start_guest(instance_id)
+    wait_until(lambda: " ready." in first.log(), 30, message="first agent ready")
+    second = start_guest(instance_id)
+    assert second.popen.wait(timeout=30) != 0
+    assert f"guest agent for {instance_id} refused to start" in second.log()
+    assert f"another agent (pid {first.pid}) already serves it on this host" in second.log()
+    assert first.alive()
+
+
+def test_a_guest_refuses_to_start_with_unsafe_settings(new_id: Callable[[str], str], session_root: Path) -> None:
+    from tests.helpers import Proc, guest_command
+
+    instance_id = new_id("unsafe")
+    env = project_env(BERTH_VISIBILITY_TIMEOUT_S="30")
+    guest = Proc(guest_command(instance_id), session_root / "logs" / f"unsafe-{instance_id}.log", env=env)
+    assert guest.popen.wait(timeout=30) != 0
+    assert "refused to start: unsafe settings" in guest.log() and "visibility_timeout (30 s" in guest.log()
+
+
+def test_the_local_driver_never_takes_a_machine_from_another_provisioning(tmp_path: Path) -> None:
+    from tasks.drivers import BootError, LocalDriver
+
+    driver = LocalDriver(tmp_path)
+    first = driver.boot("mine-1", 30.0, booted_by="test", request_id="request-a")  # sleeps 30 s: a slow VM
+    try:
+        assert driver.boot("mine-1", 0.0, booted_by="test", request_id="request-a")["already_running"] is True
+        with pytest.raises(BootError, match="another provisioning"):
+            driver.boot("mine-1", 0.0, booted_by="test", request_id="request-b")
+        assert group_alive(int(str(first["pid"])))
+    finally:
+        driver.stop("mine-1", timeout_s=3)
+    # Once it is gone, a new request gets a fresh machine.
+    fresh = driver.boot("mine-1", 30.0, booted_by="test", request_id="request-b")
+    driver.stop("mine-1", timeout_s=3)
+    assert fresh["already_running"] is False

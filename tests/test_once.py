@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import chain
 
-from berth.ids import binding_keys, prepare_task_id
+from berth.ids import binding_keys, prepare_task_id, step_task_id
 from tasks import app, queues
 from tasks.drivers import LocalDriver
 from tasks.errors import InstanceExists, PrepareTimeout, QueueMissing
@@ -123,8 +123,14 @@ def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_i
     instance_id = new_id("oops")
     create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"}).get(timeout=20)
     redis_client().delete(*binding_keys(instance_id))  # the queue vanished behind the taskmanager's back
+    request_id = records.get(instance_id)["request_id"]  # type: ignore[index]
+    stray = send_prepare.apply_async(args=[instance_id])  # not the instance's own chain: changes nothing
     with pytest.raises(QueueMissing):
-        send_prepare.apply_async(args=[instance_id]).get(timeout=20)
+        stray.get(timeout=20)
+    assert records.get(instance_id).status is Status.BUILD  # type: ignore[union-attr]
+    own = send_prepare.apply_async(args=[instance_id], task_id=step_task_id(instance_id, request_id, "send_prepare"))
+    with pytest.raises(QueueMissing):
+        own.get(timeout=20)
     record = records.get(instance_id)
     assert record is not None and record.status is Status.FAILED and record.reason == Reason.INTERNAL_ERROR
     assert "QueueMissing" in record["error"]
