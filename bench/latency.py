@@ -15,12 +15,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def guest_ready(guest: Any) -> Callable[[], bool]:
+    return lambda: " ready." in guest.log()
 
 
 def main() -> int:
@@ -55,7 +61,7 @@ def main() -> int:
             instance_id = f"bench-{n}"
             guest = Proc(guest_command(instance_id), root / f"guest-{n}.log")
             guests.append(guest)
-            wait_until(lambda g=guest: " ready." in g.log(), 30, message="guest ready")
+            wait_until(guest_ready(guest), 30, message="guest ready")
             provision_chain(instance_id, datastore="noop", boot="none").apply_async().get(timeout=30)
             record = records().get(instance_id)
             assert record is not None
