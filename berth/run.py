@@ -19,7 +19,7 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from berth.broker import free_port, wait_until_ready
+from berth.broker import free_port, redis_cli_command, wait_until_ready
 from berth.paths import PROJECT_DIR, berth_home, broker_url_file
 
 READY_TIMEOUT_S = 60.0
@@ -112,7 +112,7 @@ def show_connection(instance_id: str, password: str) -> None:
                          decode_responses=True)
     client.set(f"{DEMO_DATABASE}:greeting", "hello from berth")
     print(f"\nconnected as {DEMO_USER}: {DEMO_DATABASE}:greeting = {client.get(f'{DEMO_DATABASE}:greeting')!r}")
-    print(f"connect yourself:  redis-cli -h {conn['host']} -p {conn['port']} --user {DEMO_USER} "
+    print(f"connect yourself:  {redis_cli_command()} -h {conn['host']} -p {conn['port']} --user {DEMO_USER} "
           f"--pass '{password}' GET {DEMO_DATABASE}:greeting")
     print(f"instance record:   python -m workflows show {instance_id}")
 

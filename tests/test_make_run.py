@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp
                      "flower:      http://127.0.0.1:"):
             assert line in out, out
         # The printed redis-cli line really connects with the printed password.
-        port, password = re.search(r"-p (\d+) --user app --pass '([^']+)'", out).groups()  # type: ignore[union-attr]
+        printed = r"connect yourself:  (\S+) -h 127.0.0.1 -p (\d+) --user app --pass '([^']+)' GET app:greeting"
+        cli, port, password = re.search(printed, out).groups()  # type: ignore[union-attr]
         assert redis.Redis(port=int(port), username="app", password=password).get("app:greeting") == b"hello from berth"
+        shown = subprocess.run([cli, "-h", "127.0.0.1", "-p", port, "--user", "app", "--pass", password,
+                                "--no-auth-warning", "GET", "app:greeting"], capture_output=True, text=True, timeout=10)
+        assert shown.stdout.strip() == "hello from berth", "the printed command works as printed"
         assert (home / "redis" / "appendonly.aof").exists(), "the embedded broker keeps its AOF in BERTH_HOME"
         assert processes_with_env(str(home)), "its processes carry BERTH_HOME"
     finally:

@@ -18,6 +18,7 @@ import redis
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
+from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import INSTANCE_ID_FORMAT
 from tasks import app
@@ -173,7 +174,7 @@ def connect_hint(record: InstanceRecord) -> dict[str, Any] | None:
     return {
         "host": connection["host"], "port": connection["port"], "users": connection.get("users", []),
         "key_prefixes": connection.get("key_prefixes", []),
-        "redis_cli": f"redis-cli -h {connection['host']} -p {connection['port']} --user {user} "
+        "redis_cli": f"{redis_cli_command()} -h {connection['host']} -p {connection['port']} --user {user} "
                      f"--pass YOUR_PASSWORD SET {prefix}hello world",
         "url": f"redis://{user}:YOUR_PASSWORD@{connection['host']}:{connection['port']}/0",
     }
