@@ -87,3 +87,28 @@ def test_the_provision_task_refuses_bad_input_naming_the_field(
         on_worker(provision, *args, **kwargs)
     assert info.value.args[0] == field
     assert Records(redis_client()).get("ok-id") is None
+
+
+@pytest.mark.usefixtures("taskmanager")
+def test_a_redelivered_provision_request_does_not_start_its_chain_twice(
+        celery_worker: Any, new_id: Callable[[str], str], records: Records) -> None:
+    from tasks.records import Reason
+    from tests.helpers import wait_until
+    from workflows.tasks import provision
+
+    instance_id = new_id("redeliv")
+    request_id = f"req-{instance_id}"
+    first = on_worker(provision, instance_id, datastore="noop", boot="none", ping_deadline_s=60, task_id=request_id)
+    assert first["status"] == "NEW"
+    wait_until(lambda: (r := records.get(instance_id)) is not None and r.get("ping_attempts", 0) >= 1, 20,
+               message="chain under way")
+    try:
+        # The same message again (same task id), as after a taskmanager crash before its ack; its
+        # stored result goes first, so that the answer read below is the second run's.
+        redis_client().delete(f"celery-task-meta-{request_id}")
+        again = on_worker(provision, instance_id, datastore="noop", boot="none", ping_deadline_s=60,
+                          task_id=request_id)
+        assert again == {**first, "status": "BUILD"}, "it found its chain under way and started none"
+    finally:
+        records.transition(instance_id, Status.FAILED, [Status.BUILD], "test-teardown",
+                           reason=Reason.GUEST_UNREACHABLE, error="given up by the test")

@@ -22,9 +22,12 @@ def provision(self: Task, instance_id: str, **request: Any) -> dict[str, Any]:
     """
     # This task's id names the request, so a redelivery of it continues the same provisioning.
     chain = provision_chain(instance_id, request_id=self.request.id, **request)
+    verify_id = chain.tasks[-1].options["task_id"]
     existing = records().get(instance_id)
-    if existing is not None and existing.status is not Status.DELETED \
-            and existing.get("request_id") != self.request.id:
-        raise InstanceExists(f"instance {instance_id} already exists (status {existing.status.value})")
-    result = chain.apply_async()
-    return {"instance_id": instance_id, "status": Status.NEW.value, "verify_task_id": result.id}
+    if existing is not None and existing.status is not Status.DELETED:
+        if existing.get("request_id") != self.request.id:
+            raise InstanceExists(f"instance {instance_id} already exists (status {existing.status.value})")
+        # A redelivery after the chain started: it is on its way, do not start it twice.
+        return {"instance_id": instance_id, "status": existing.status.value, "verify_task_id": verify_id}
+    chain.apply_async()
+    return {"instance_id": instance_id, "status": Status.NEW.value, "verify_task_id": verify_id}
