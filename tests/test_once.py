@@ -52,7 +52,8 @@ def test_a_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once
     guest = start_guest(instance_id)
     provision_chain(instance_id, datastore="noop", boot="none", prepare_deadline_s=60,
                     config={"prepare_seconds": 2}).apply_async()
-    wait_until(lambda: "guest.prepare[" in guest.log(), 30, message="prepare started on the guest")
+    # Mid-prepare: the guest has recorded the delivery and is inside the datastore step (2 s).
+    wait_until(lambda: journal(instance_id).get("deliveries"), 30, message="prepare under way on the guest")
     guest.signal(signal.SIGKILL)
     guest.popen.wait()
     record = records.get(instance_id)
@@ -119,7 +120,7 @@ def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[st
 
 
 def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_it(
-        new_id: Callable[[str], str], records: Records) -> None:
+        new_id: Callable[[str], str], records: Records, taskmanager: Proc) -> None:
     instance_id = new_id("oops")
     create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"}).get(timeout=20)
     redis_client().delete(*binding_keys(instance_id))  # the queue vanished behind the taskmanager's back
@@ -127,12 +128,16 @@ def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_i
     stray = send_prepare.apply_async(args=[instance_id])  # not the instance's own chain: changes nothing
     with pytest.raises(QueueMissing):
         stray.get(timeout=20)
+    # The worker logs the failure after on_failure has run: only then is the record final.
+    wait_until(lambda: f"send_prepare[{stray.id}] raised expected" in taskmanager.log(), 10,
+               message="the stray call's failure handled")
     assert records.get(instance_id).status is Status.BUILD  # type: ignore[union-attr]
     own = send_prepare.apply_async(args=[instance_id], task_id=step_task_id(instance_id, request_id, "send_prepare"))
     with pytest.raises(QueueMissing):
         own.get(timeout=20)
-    record = records.get(instance_id)
-    assert record is not None and record.status is Status.FAILED and record.reason == Reason.INTERNAL_ERROR
+    # Celery stores the task's failure, then runs its on_failure: the record follows at once.
+    record = wait_for_status(records, instance_id, [Status.FAILED], timeout_s=10)
+    assert record.reason == Reason.INTERNAL_ERROR
     assert "QueueMissing" in record["error"]
 
 
