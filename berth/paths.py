@@ -22,10 +22,15 @@ def broker_url_file() -> Path:
     return berth_home() / "broker.url"
 
 
-def guest_dir(instance_id: str) -> Path:
+# Files on a guest's disk that both the boot driver and the agent know.
+AGENT_PIDFILE = "agent.pid"
+AGENT_LOCK = "agent.lock"
+
+
+def guests_root(home: Path | None = None) -> Path:
+    return (home or berth_home()) / "guests"
+
+
+def guest_dir(instance_id: str, home: Path | None = None) -> Path:
     """A guest's own disk: on a real cloud this is inside the VM."""
-    return berth_home() / "guests" / instance_id
-
-
-def guests_root() -> Path:
-    return berth_home() / "guests"
+    return guests_root(home) / instance_id

@@ -13,7 +13,7 @@ import sys
 import time
 
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
-from berth.paths import guest_dir
+from berth.paths import AGENT_PIDFILE, guest_dir
 
 
 def agent_command(instance_id: str) -> list[str]:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     if not INSTANCE_ID_RE.fullmatch(args.instance_id):
         parser.error(f"--instance-id {args.instance_id!r}: expected {INSTANCE_ID_FORMAT}")
     # The driver writes this too, right after it starts us; writing it first closes the gap.
-    pidfile = guest_dir(args.instance_id) / "agent.pid"
+    pidfile = guest_dir(args.instance_id) / AGENT_PIDFILE
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     time.sleep(max(0.0, args.boot_delay))

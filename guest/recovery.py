@@ -16,6 +16,8 @@ from typing import IO
 
 from celery import Celery
 
+from berth.paths import AGENT_LOCK
+
 log = logging.getLogger("berth.guest")
 # The open lock file; the kernel releases the lock when this process ends, however it ends.
 _lock: IO[str] | None = None
@@ -29,7 +31,7 @@ def hold_agent_lock(home: Path) -> None:
     """Take this instance's agent lock for the life of the process, or raise AgentRunning."""
     global _lock
     home.mkdir(parents=True, exist_ok=True)
-    handle = open(home / "agent.lock", "a+")  # noqa: SIM115 - held open on purpose
+    handle = open(home / AGENT_LOCK, "a+")  # noqa: SIM115 - held open on purpose
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from berth.paths import PROJECT_DIR, berth_home
+from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
 
-PIDFILE = "agent.pid"
 BOOTED_BY = "booted_by"
 REQUEST = "request_id"
 # Popen handles of guests this process started, so that their exit status is reaped.
@@ -73,7 +72,7 @@ def _read(path: Path) -> str | None:
 def _agent_lock_held(home: Path) -> bool:
     """Whether a live guest agent holds this guest's lock (see guest.recovery)."""
     try:
-        with open(home / "agent.lock") as handle:
+        with open(home / AGENT_LOCK) as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
     except BlockingIOError:
@@ -110,12 +109,12 @@ class LocalDriver:
         self.home = home
 
     def guest_dir(self, instance_id: str) -> Path:
-        return (self.home or berth_home()) / "guests" / instance_id
+        return guest_dir(instance_id, self.home)
 
     def recorded_pid(self, instance_id: str) -> int | None:
         """The pid the guest was started with; also its process group id."""
         try:
-            return int((self.guest_dir(instance_id) / PIDFILE).read_text())
+            return int((self.guest_dir(instance_id) / AGENT_PIDFILE).read_text())
         except (OSError, ValueError):
             return None
 
@@ -154,7 +153,7 @@ class LocalDriver:
                 cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )
-        (home / PIDFILE).write_text(str(proc.pid))
+        (home / AGENT_PIDFILE).write_text(str(proc.pid))
         (home / BOOTED_BY).write_text(booted_by)
         _children[instance_id] = proc
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
@@ -168,7 +167,7 @@ class LocalDriver:
         """
         pid = self.recorded_pid(instance_id)
         if pid is None or not group_alive(pid):
-            (self.guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+            (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
             return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + (_stop_timeout_s() if timeout_s is None else timeout_s)
@@ -176,17 +175,16 @@ class LocalDriver:
             _reap()
             time.sleep(0.05)
         _signal_group(pid, signal.SIGKILL)
-        (self.guest_dir(instance_id) / PIDFILE).unlink(missing_ok=True)
+        (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
         _reap()
         return True
 
     def stop_all(self, booted_by: str | None = None, timeout_s: float | None = None) -> list[str]:
         """Stop every local guest (or only those booted by one taskmanager node)."""
         stopped = []
-        for pidfile in sorted(((self.home or berth_home()) / "guests").glob(f"*/{PIDFILE}")):
+        for pidfile in sorted(guests_root(self.home).glob(f"*/{AGENT_PIDFILE}")):
             home = pidfile.parent
-            owner = (home / BOOTED_BY).read_text() if (home / BOOTED_BY).exists() else None
-            if booted_by is None or owner == booted_by:
+            if booted_by is None or _read(home / BOOTED_BY) == booted_by:
                 if self.stop(home.name, timeout_s):
                     stopped.append(home.name)
         return stopped

@@ -169,13 +169,20 @@ def boot_guest(self: Task, instance_id: str) -> str:
     return instance_id
 
 
+def _as_pong(instance_id: str, answer: waiting.GuestAnswer | None) -> dict[str, Any] | None:
+    """The answer if it is a pong from this instance's own guest."""
+    if answer and answer.ok and answer.result.get("instance_id") == instance_id:
+        return dict(answer.result)
+    return None
+
+
 def _pong(instance_id: str, request_id: str, attempt: int) -> dict[str, Any] | None:
     """The guest's answer to either of the last two pings, if it answered as this instance."""
     for earlier in (attempt - 1, attempt - 2):
         if earlier >= 0:
-            answer = waiting.peek(result_client(), ping_task_id(instance_id, request_id, earlier))
-            if answer and answer.ok and answer.result.get("instance_id") == instance_id:
-                return dict(answer.result)
+            pong = _as_pong(instance_id, waiting.peek(result_client(), ping_task_id(instance_id, request_id, earlier)))
+            if pong:
+                return pong
     return None
 
 
@@ -211,8 +218,8 @@ def ping_guest(self: Task, instance_id: str) -> str:
     if attempt == 0:
         # Optimistic fast path: a live guest answers in milliseconds.
         answer = waiting.wait_for_result(result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
-        if answer and answer.ok and answer.result.get("instance_id") == instance_id:
-            return _guest_ready(instance_id, dict(answer.result), 1)
+        if pong := _as_pong(instance_id, answer):
+            return _guest_ready(instance_id, pong, 1)
     raise self.retry(countdown=countdown)
 
 
