@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint soak clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
+soak: setup
+	$(PY) -m bench.soak --cycles $(or $(CYCLES),1000)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache tests/artifacts

@@ -48,6 +48,10 @@ broker_transport_options = {
 task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
 # Seconds a task result stays in Redis (delete removes an instance's results earlier).
 result_expires = int(_env_float("BERTH_RESULT_EXPIRES_S", 86400.0))
+# A result stored while the broker restarts is retried, not lost (a guest's answer to prepare).
+result_backend_always_retry = True
+result_backend_max_retries = 120
+result_backend_max_sleep_between_retries_ms = 1000
 # Results never carry task arguments (they would hold prepare's passwords).
 result_extended = False
 
@@ -85,6 +89,23 @@ berth_ping_reply_wait_s = _env_float("BERTH_PING_REPLY_WAIT_S", 0.05)
 berth_verify_backoff_base_s = _env_float("BERTH_VERIFY_BACKOFF_BASE_S", 0.05)
 berth_verify_backoff_cap_s = _env_float("BERTH_VERIFY_BACKOFF_CAP_S", 1.0)
 berth_verify_reply_wait_s = _env_float("BERTH_VERIFY_REPLY_WAIT_S", 0.2)
+# --- Berth: delete (seconds) ------------------------------------------------------------------
+# Delete pings the guest this long before it goes on without it (a dead guest holds nothing up).
+berth_delete_ping_deadline_s = _env_float("BERTH_DELETE_PING_DEADLINE_S", 5.0)
+# How long the guest has to shut its datastore down once asked.
+berth_shutdown_deadline_s = _env_float("BERTH_SHUTDOWN_DEADLINE_S", 30.0)
+# How long delete waits for a provisioning chain it interrupted to stop.
+berth_chain_stop_wait_s = _env_float("BERTH_CHAIN_STOP_WAIT_S", 30.0)
+# A deleted instance's record stays this long for audit, then expires (7 days).
+berth_deleted_record_ttl_s = _env_float("BERTH_DELETED_RECORD_TTL_S", 7 * 86400.0)
+
+# --- Berth: taskmanager nodes ------------------------------------------------------------------
+# A taskmanager node renews its lease in Redis every third of this; when a node has been gone
+# this long, another node puts back the messages it had taken (see tasks/nodes.py).
+berth_node_lease_s = _env_float("BERTH_NODE_LEASE_S", 15.0)
+# A chain that has run no step for this long while the taskmanager queue is empty lost its
+# message (a broker crash between BRPOP and the unacked write): it is resumed from its record.
+berth_stall_after_s = _env_float("BERTH_STALL_AFTER_S", 30.0)
 # How long a stopped guest gets to finish its current task before it is killed.
 berth_guest_stop_timeout_s = _env_float("BERTH_GUEST_STOP_TIMEOUT_S", 10.0)
 # How long `python -m workflows provision --wait` waits for a taskmanager to pick the request up.

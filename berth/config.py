@@ -13,29 +13,38 @@ from urllib.parse import urlparse
 REDIS_SCHEMES = ("redis", "rediss")
 # A prepare must be long finished before Redis hands its message to another consumer.
 VISIBILITY_MARGIN_S = 60.0
+# The longest retry countdown of a chain step after a broker error (tasks.taskmanager.Step).
+STEP_RETRY_BACKOFF_MAX_S = 10.0
+# Every deadline a message may have to live through while unacknowledged.
+DEADLINES = ("prepare_deadline_max_s", "ping_deadline_max_s", "delete_ping_deadline_s", "shutdown_deadline_s",
+             "chain_stop_wait_s")
 
 
 def _transport(conf: Mapping[str, Any]) -> Mapping[str, Any]:
     return conf.get("broker_transport_options") or {}
 
 
-def check_settings(conf: Mapping[str, Any]) -> list[str]:
-    """Every problem with this combination of settings (empty when it is safe)."""
+def _backend_problems(conf: Mapping[str, Any]) -> list[str]:
     problems = []
     for name in ("broker_url", "result_backend"):
         scheme = urlparse(str(conf.get(name) or "")).scheme
         if scheme not in REDIS_SCHEMES:
             problems.append(f"{name} must be a Redis URL (redis:// or rediss://), got scheme {scheme!r}: "
                             "guest queues, instance records and guest answers are read from Redis")
-    transport = _transport(conf)
-    if transport.get("global_keyprefix"):
+    if _transport(conf).get("global_keyprefix"):
         problems.append("broker_transport_options.global_keyprefix is not supported: per-guest keys "
                         "are named without it")
-    visibility = float(transport.get("visibility_timeout", 3600))
-    longest = max(float(conf["berth_prepare_deadline_max_s"]), float(conf["berth_ping_deadline_max_s"]))
+    return problems
+
+
+def _visibility_problems(conf: Mapping[str, Any]) -> list[str]:
+    problems = []
+    visibility = float(_transport(conf).get("visibility_timeout", 3600))
+    deadlines = {name: float(conf.get(f"berth_{name}", 0.0)) for name in DEADLINES}
+    longest_name, longest = max(deadlines.items(), key=lambda item: item[1])
     if visibility < longest + VISIBILITY_MARGIN_S:
         problems.append(f"visibility_timeout ({visibility:g} s, BERTH_VISIBILITY_TIMEOUT_S) must exceed the "
-                        f"longest deadline ({longest:g} s, BERTH_PREPARE_DEADLINE_MAX_S / BERTH_PING_DEADLINE_MAX_S) "
+                        f"longest deadline ({longest:g} s, BERTH_{longest_name.upper()}) "
                         f"by {VISIBILITY_MARGIN_S:g} s, or a slow prepare is handed to a second consumer while "
                         "the first still runs it")
     for prefix in ("ping", "verify"):
@@ -45,12 +54,38 @@ def check_settings(conf: Mapping[str, Any]) -> list[str]:
                             f"({visibility:g} s): a retry waiting for its countdown is an unacknowledged message")
         if cap <= 0 or float(conf[f"berth_{prefix}_backoff_base_s"]) <= 0:
             problems.append(f"berth_{prefix}_backoff_base_s and _cap_s must be positive")
+    return problems
+
+
+def _timing_problems(conf: Mapping[str, Any]) -> list[str]:
+    problems = []
+    longest_countdown = max(float(conf["berth_ping_backoff_cap_s"]), float(conf["berth_verify_backoff_cap_s"]),
+                            STEP_RETRY_BACKOFF_MAX_S)
+    stop_wait = float(conf.get("berth_chain_stop_wait_s", 0.0))
+    if stop_wait < 2 * longest_countdown:
+        problems.append(f"berth_chain_stop_wait_s ({stop_wait:g} s, BERTH_CHAIN_STOP_WAIT_S) must be at least twice "
+                        f"the longest countdown of a chain step ({longest_countdown:g} s): delete would remove an "
+                        "instance's keys before its interrupted chain stopped, and the chain's last result would "
+                        "outlive the delete")
+    stall = float(conf.get("berth_stall_after_s", 0.0))
+    if stall < 2 * longest_countdown:
+        problems.append(f"berth_stall_after_s ({stall:g} s, BERTH_STALL_AFTER_S) must be at least twice the longest "
+                        f"countdown of a chain step ({longest_countdown:g} s): chains that are only waiting would be "
+                        "resumed a second time over and over")
+    if float(conf.get("berth_node_lease_s", 0.0)) < 1.0:
+        problems.append("berth_node_lease_s (BERTH_NODE_LEASE_S) must be at least 1 s: a node renews its lease "
+                        "every third of it")
     expires = float(conf.get("result_expires") or 0)
     needed = float(conf["berth_ping_deadline_max_s"]) + float(conf["berth_prepare_deadline_max_s"])
     if 0 < expires < needed:
         problems.append(f"result_expires ({expires:g} s, BERTH_RESULT_EXPIRES_S) must outlive a whole build "
                         f"({needed:g} s of ping and prepare deadlines), or a guest's answer expires unread")
     return problems
+
+
+def check_settings(conf: Mapping[str, Any]) -> list[str]:
+    """Every problem with this combination of settings (empty when it is safe)."""
+    return _backend_problems(conf) + _visibility_problems(conf) + _timing_problems(conf)
 
 
 class UnsafeSettings(ValueError):

@@ -92,4 +92,15 @@ def secrets_key(instance_id: str) -> str:
     return f"berth:secrets:{instance_id}"
 
 
+def deadletter_key(instance_id: str) -> str:
+    """The guest's dead-letter list: messages it could not accept, kept for the operator."""
+    return f"berth:deadletter:{instance_id}"
+
+
+def finished_request_key(request_id: str) -> str:
+    """Marks a provisioning or delete request as finished (its instance DELETED): a late
+    redelivery of its message is then refused instead of bringing the instance back."""
+    return f"berth:finished:{request_id}"
+
+
 RECORD_INDEX_KEY = "berth:instances"

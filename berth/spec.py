@@ -6,6 +6,7 @@ all call `validate_request`; the guest re-checks what reaches it. Messages name 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ CONFIG_VALUE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_USERS = 16
 MAX_DATABASES = 16
 MAX_FAIL_MESSAGE = 200
+# A request is refused when its JSON encoding (every field, passwords included) is longer than
+# this, before any field is looked at: a valid one is a few KiB at most.
+MAX_REQUEST_BYTES = 16384
 RESERVED_USER_NAMES = frozenset({"default", "berth-admin"})
 
 
@@ -91,9 +95,14 @@ def check_choice(name: str, value: object, choices: Any) -> str:
 
 
 def check_seconds(name: str, value: object, *, low: float, high: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidField(name, f"{value!r} is not a number of seconds")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond every float (not quoted: it can be thousands of digits)
+        raise InvalidField(name, f"too large a number: out of range ({low:g} to {high:g} s)") from None
+    if not math.isfinite(seconds):
+        raise InvalidField(name, f"{value!r} is not a number of seconds")
     if seconds < low or seconds > high or (seconds == 0 and not allow_zero):
         raise InvalidField(name, f"{seconds:g} s is out of range ({low:g} to {high:g} s)")
     return seconds
@@ -159,6 +168,34 @@ def check_config(datastore: str, value: object) -> dict[str, Any]:
     return dict(value)
 
 
+def _json_default(value: object) -> object:
+    """What the size check counts for a value JSON has no type for (the field checks refuse most)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("latin-1")
+    return None
+
+
+def check_size(fields: Mapping[str, object]) -> None:
+    """Refuse a request whose JSON encoding ({"field": value, ...}) exceeds MAX_REQUEST_BYTES.
+
+    Each field is encoded on its own, so a value that cannot be encoded at all (an int of
+    thousands of digits, a cycle, nesting past the recursion limit) is refused naming its field.
+    """
+    total = 2 + 2 * max(0, len(fields) - 1)  # the braces, and ", " between members
+    for name, value in fields.items():
+        try:
+            encoded = json.dumps(value, default=_json_default, skipkeys=True)
+        except Exception as exc:  # noqa: BLE001 - whatever JSON cannot encode is the field's fault
+            raise InvalidField(name, f"cannot be encoded as JSON ({type(exc).__name__})") from None
+        total += len(json.dumps(name)) + 2 + len(encoded)  # "name": value
+    if total > MAX_REQUEST_BYTES:
+        raise InvalidField("request", f"{total} bytes, at most {MAX_REQUEST_BYTES}")
+
+
 def validate_request(
     instance_id: object,
     *,
@@ -174,8 +211,12 @@ def validate_request(
 ) -> ProvisionRequest:
     """Check every field of a provisioning request; raise InvalidField naming the first bad one.
 
-    ``limits`` holds the upper bounds from the settings (berth_*_max_s).
+    ``limits`` holds the upper bounds from the settings (berth_*_max_s). The request's size is
+    checked first (MAX_REQUEST_BYTES, field ``request``), so a huge one costs one encoding.
     """
+    check_size({"instance_id": instance_id, "datastore": datastore, "boot": boot, "boot_delay_s": boot_delay_s,
+                "ping_deadline_s": ping_deadline_s, "prepare_deadline_s": prepare_deadline_s, "users": users,
+                "databases": databases, "config": config})
     store = check_choice("datastore", datastore, DATASTORES)
     return ProvisionRequest(
         instance_id=check_instance_id(instance_id),

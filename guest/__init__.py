@@ -16,7 +16,8 @@ from kombu.entity import Exchange, Queue
 from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE, guest_queue, unacked_keys
 from berth.paths import guest_dir
-from guest.recovery import AgentRunning, hold_agent_lock, restore_unacked
+from berth.unacked import RestoreOwnUnacked, use_own_hash
+from guest.recovery import AgentRunning, hold_agent_lock
 
 app = Celery("guest")
 app.config_from_object("celeryconfig")
@@ -26,6 +27,8 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_enable_remote_control=False,
+    # Messages it cannot accept are dead-lettered (berth:deadletter:ID) and dropped, never retried.
+    worker_consumer="guest.consumer:DeadLetteringConsumer",
     berth_instance_id=None,
 )
 
@@ -68,10 +71,12 @@ class BindGuestQueue(bootsteps.Step):
             except (UnsafeSettings, AgentRunning) as exc:
                 raise SystemExit(f"guest agent for {instance_id} refused to start: {exc}") from exc
             bind_instance(worker.app, instance_id)
-            # Before the consumer starts, so nothing of this run is taken for a leftover.
-            restore_unacked(worker.app)
+            use_own_hash(worker.app.conf.broker_url)
 
 
 app.steps["worker"].add(BindGuestQueue)
+# What a previous run of this guest took and never acknowledged goes back to guest.ID when the
+# consumer connects, and again after a lost broker connection.
+app.steps["consumer"].add(RestoreOwnUnacked)
 
 __all__ = ["app", "bind_instance"]

@@ -1,4 +1,4 @@
-"""The guest agent's tasks: guest.ping, guest.prepare, guest.get_status.
+"""The guest agent's tasks: guest.ping, guest.prepare, guest.get_status, guest.shutdown.
 
 Each checks that the message is for this guest's instance; prepare re-validates its
 arguments (a guest trusts nothing it did not check) and is idempotent by prepare id.
@@ -6,8 +6,12 @@ arguments (a guest trusts nothing it did not check) and is idempotent by prepare
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import signal
+import threading
+import time
 from typing import Any
 
 from celery import Task
@@ -21,6 +25,11 @@ from guest.errors import InvalidMessage, PrepareError, WrongInstance
 from guest.journal import Journal
 
 log = logging.getLogger("berth.guest")
+# A prepare delivered this often without ever finishing kills its guest each time: dead-letter it.
+MAX_PREPARE_DELIVERIES = 5
+# A prepare counts only if it finishes this long before its deadline: its answer must reach the
+# taskmanager before the taskmanager gives up on it (PREPARE_TIMEOUT) at the deadline.
+COMMIT_MARGIN_S = 0.25
 
 
 def own_instance(instance_id: object) -> str:
@@ -46,7 +55,9 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
     """Set up the datastore once per prepare id, however often the message arrives.
 
     The id carries the provisioning request, so a new provisioning that reuses an instance
-    id is a new prepare, while a redelivery of the same message is not.
+    id is a new prepare, while a redelivery of the same message is not. A prepare that
+    finishes after its deadline (the guest was frozen, say) is undone: the taskmanager has
+    failed the instance by then and nothing of it may stay behind.
     """
     own = own_instance(instance_id)
     prepare_id = str(self.request.id)
@@ -59,10 +70,14 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
         raise InvalidMessage(str(exc)) from None
     journal = Journal(guest_dir(own))
     deliveries = journal.delivered(prepare_id)
-    done = journal.result(prepare_id)
-    if done is not None:
+    if journal.result(prepare_id) is not None:
         log.info("prepare %s already applied: delivery %d applies nothing", prepare_id, deliveries)
-        return {**done, "deliveries": deliveries}
+        return _with_counts(journal, prepare_id)
+    if deliveries > MAX_PREPARE_DELIVERIES:
+        # It killed this guest every time it ran: stop the loop, keep it for the operator.
+        _dead_letter(own, "poison", f"delivered {deliveries} times without finishing", self.request)
+        raise PrepareError(f"prepare {prepare_id} was delivered {deliveries} times without finishing; "
+                           "dead-lettered")
     plain_users = [{"name": u.name, "password": u.password} for u in checked_users]
     try:
         connection = manager.prepare(plain_users, list(databases), dict(config))
@@ -71,10 +86,70 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
     except Exception as exc:  # noqa: BLE001 - any failure becomes PREPARE_FAILED, never a crash
         # Name the failure without its message: it could quote an argument.
         raise PrepareError(f"{datastore} prepare failed: {type(exc).__name__}") from None
-    result = {"instance_id": own, "prepare_id": prepare_id, "connection": connection}
-    journal.applied(prepare_id, result)
+    late_by = _late_by(self.request.expires)
+    if late_by is not None:
+        manager.discard()
+        journal.rolled_back(prepare_id)
+        log.warning("prepare %s finished %.1f s after its deadline: rolled back", prepare_id, late_by)
+        raise PrepareError(f"prepare finished {late_by:.1f} s after its deadline and was rolled back")
+    journal.applied(prepare_id, {"instance_id": own, "prepare_id": prepare_id, "connection": connection})
     log.info("prepare %s applied (delivery %d)", prepare_id, deliveries)
-    return {**result, "deliveries": deliveries}
+    return _with_counts(journal, prepare_id)
+
+
+def _with_counts(journal: Journal, prepare_id: str) -> dict[str, Any]:
+    """The recorded result with the audit counts (delivered N times, applied once)."""
+    result = journal.result(prepare_id)
+    assert result is not None
+    return {**result, **journal.counts(prepare_id)}
+
+
+def _late_by(expires: Any) -> float | None:
+    """Seconds past the message's expiry (less the commit margin), or None if in time."""
+    if not expires:
+        return None
+    when = expires if isinstance(expires, dt.datetime) else dt.datetime.fromisoformat(str(expires))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    late = time.time() - (when.timestamp() - COMMIT_MARGIN_S)
+    return late if late > 0 else None
+
+
+def _dead_letter(instance_id: str, reason: str, error: str, request: Any) -> None:
+    from guest import deadletters
+
+    entry = {"reason": reason, "error": error, "task": request.task, "id": request.id,
+             "content_type": None, "size": None, "received_at": time.time()}
+    try:
+        deadletters.push(_broker(), instance_id, entry)
+    except Exception:  # noqa: BLE001 - the log keeps it when the broker cannot
+        log.exception("could not dead-letter %s", request.id)
+
+
+def _broker() -> Any:
+    import redis
+
+    return redis.Redis.from_url(app.conf.broker_url, socket_connect_timeout=2.0)
+
+
+@app.task(name="guest.shutdown", bind=True)
+def shutdown(self: Task, instance_id: str, stop_agent: bool = True) -> dict[str, Any]:
+    """Stop the datastore (delete asks for this), report the audit counts, then exit.
+
+    The agent stops itself after the answer is stored and the message acknowledged, so a
+    guest started by hand (`--boot none`) goes away with its instance too.
+    """
+    own = own_instance(instance_id)
+    journal = Journal(guest_dir(own))
+    data = journal.read()
+    stores = {r["connection"]["datastore"] for r in data["results"].values()}
+    datastores = [get_manager(name, guest_dir(own)).shutdown() for name in sorted(stores)]
+    totals = {name: sum(int(n) for n in data[name].values()) for name in ("deliveries", "applied", "rolled_back")}
+    if stop_agent:
+        # Warm shutdown: the worker finishes this task (result, ack) before it exits.
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    log.info("datastore shut down for delete: %s", datastores)
+    return {"instance_id": own, "datastores": datastores, **totals}
 
 
 @app.task(name="guest.get_status")

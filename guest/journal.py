@@ -19,9 +19,10 @@ class Journal:
         self.path = home / "prepare.json"
 
     def read(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {"deliveries": {}, "applied": {}, "results": {}}
-        return dict(json.loads(self.path.read_text()))
+        data: dict[str, Any] = {"deliveries": {}, "applied": {}, "results": {}, "rolled_back": {}}
+        if self.path.exists():
+            data.update(json.loads(self.path.read_text()))
+        return data
 
     def _write(self, data: dict[str, Any]) -> None:
         # Write-then-rename: a guest killed mid-write leaves the old journal, never half of one.
@@ -48,6 +49,13 @@ class Journal:
         data["results"][prepare_id] = result
         self._write(data)
 
-    def counts(self, prepare_id: str) -> tuple[int, int]:
+    def rolled_back(self, prepare_id: str) -> None:
+        """A prepare that finished after its deadline was undone: counted, never applied."""
         data = self.read()
-        return int(data["deliveries"].get(prepare_id, 0)), int(data["applied"].get(prepare_id, 0))
+        data["rolled_back"][prepare_id] = data["rolled_back"].get(prepare_id, 0) + 1
+        self._write(data)
+
+    def counts(self, prepare_id: str) -> dict[str, int]:
+        """How often this prepare was delivered, applied, and rolled back (for the audit)."""
+        data = self.read()
+        return {name: int(data[name].get(prepare_id, 0)) for name in ("deliveries", "applied", "rolled_back")}

@@ -1,9 +1,8 @@
-"""A restarted guest takes back what its previous run was given and never acknowledged.
+"""One agent per instance on a host: then the guest's unacked keys are its own to restore.
 
-Each guest has its own ack-emulation keys (``unacked.<id>``...), and exactly one agent serves
-an instance, so everything in them at start-up was in flight in a run that died (SIGKILL,
-power loss). Putting it back at once means a prepare interrupted mid-way is redelivered
-when the guest comes back, not an hour later when the visibility timeout would expire.
+Each guest has its own ack-emulation keys (``unacked.<id>``...); everything in them that the
+running agent is not working on was in flight in a run that died, and `berth.unacked` puts it
+back when the agent connects (see there).
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import logging
 import os
 from pathlib import Path
 from typing import IO
-
-from celery import Celery
 
 from berth.paths import AGENT_LOCK
 
@@ -44,17 +41,3 @@ def hold_agent_lock(home: Path) -> None:
     handle.write(str(os.getpid()))
     handle.flush()
     _lock = handle
-
-
-def restore_unacked(app: Celery) -> int:
-    """Move this guest's unacknowledged messages back to its queue; return how many."""
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=None, interval_start=0.5, interval_step=0.5, interval_max=2.0)
-        channel = conn.default_channel
-        client = channel.client
-        tags = client.hkeys(channel.unacked_key)
-        for tag in tags:
-            channel.qos.restore_by_tag(tag, client=client)
-    if tags:
-        log.warning("restored %d message(s) a previous run of this guest took and never acknowledged", len(tags))
-    return len(tags)

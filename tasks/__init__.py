@@ -11,8 +11,14 @@ from celery import Celery
 # MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
 app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
 app.config_from_object("celeryconfig")
-app.conf.include = ["tasks.taskmanager", "workflows.tasks"]
+app.conf.include = ["tasks.taskmanager", "tasks.deletion", "workflows.tasks"]
 
+from berth.unacked import RestoreOwnUnacked  # noqa: E402
 from tasks import signals  # noqa: E402,F401  (settings check at start; local guests stop with it)
+from tasks.nodes import OwnUnacked  # noqa: E402
+
+# Each node keeps its in-flight messages apart and takes them back when it (re)connects.
+app.steps["worker"].add(OwnUnacked)
+app.steps["consumer"].add(RestoreOwnUnacked)
 
 __all__ = ["app"]

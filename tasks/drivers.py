@@ -8,6 +8,7 @@ guest's whole process group, datastore included. ``none`` expects someone else t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +38,8 @@ class BootDriver(Protocol):
     def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]: ...
 
     def stop(self, instance_id: str, timeout_s: float | None = None) -> bool: ...
+
+    def destroy(self, instance_id: str) -> bool: ...
 
 
 def _stat(pid: int | str) -> list[str] | None:
@@ -98,6 +102,9 @@ class NoneDriver:
     def stop(self, instance_id: str, timeout_s: float | None = None) -> bool:
         return False
 
+    def destroy(self, instance_id: str) -> bool:
+        return False
+
 
 class LocalDriver:
     """The guest agent as a child process of this host, in a process group of its own."""
@@ -129,6 +136,19 @@ class LocalDriver:
         A new request gets a new machine: what an earlier provisioning of the same id left
         on this host (its datastore, its prepare journal) is removed first.
         """
+        with self._boot_lock(instance_id):
+            return self._boot(instance_id, delay_s, booted_by, request_id)
+
+    @contextlib.contextmanager
+    def _boot_lock(self, instance_id: str) -> Iterator[None]:
+        """One boot of an instance at a time on this host (a step resumed while it also ran)."""
+        folder = guests_root(self.home) / ".boot-locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / instance_id, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def _boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]:
         _reap()
         home = self.guest_dir(instance_id)
         running = self.pid(instance_id)
@@ -144,8 +164,15 @@ class LocalDriver:
             shutil.rmtree(home)
         home.mkdir(parents=True)
         (home / REQUEST).write_text(request_id)
+        proc = self._spawn(instance_id, home, delay_s)
+        (home / BOOTED_BY).write_text(booted_by)
+        return {"driver": self.name, "pid": proc.pid, "already_running": False}
+
+    def _spawn(self, instance_id: str, home: Path, delay_s: float) -> subprocess.Popen[bytes]:
         env = {**os.environ, "BERTH_HOME": str(self.home or berth_home()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
+        # Drill settings of the taskmanager (crash points) are not the guest's.
+        env.pop("BERTH_FAILPOINTS", None)
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "guest.launch", "--instance-id", instance_id,
@@ -154,9 +181,8 @@ class LocalDriver:
                 start_new_session=True,
             )
         (home / AGENT_PIDFILE).write_text(str(proc.pid))
-        (home / BOOTED_BY).write_text(booted_by)
         _children[instance_id] = proc
-        return {"driver": self.name, "pid": proc.pid, "already_running": False}
+        return proc
 
     def stop(self, instance_id: str, timeout_s: float | None = None) -> bool:
         """SIGTERM the guest's process group, SIGKILL what is left after timeout_s.
@@ -178,6 +204,21 @@ class LocalDriver:
         (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
         _reap()
         return True
+
+    def destroy(self, instance_id: str) -> bool:
+        """Stop the guest and remove its disk, as deleting a VM would; True if it was running."""
+        stopped = self.stop(instance_id)
+        shutil.rmtree(self.guest_dir(instance_id), ignore_errors=True)
+        (guests_root(self.home) / ".boot-locks" / instance_id).unlink(missing_ok=True)
+        return stopped
+
+    def restart(self, instance_id: str) -> int:
+        """Start the agent again on the same disk, as a rebooted VM would (a drill after a crash)."""
+        home = self.guest_dir(instance_id)
+        if self.pid(instance_id) is not None:
+            raise BootError(f"the guest of {instance_id} still runs")
+        proc = self._spawn(instance_id, home, 0.0)
+        return proc.pid
 
     def stop_all(self, booted_by: str | None = None, timeout_s: float | None = None) -> list[str]:
         """Stop every local guest (or only those booted by one taskmanager node)."""

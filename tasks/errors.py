@@ -32,12 +32,20 @@ class InstanceExists(ProvisioningError):
     """Another provisioning already owns this instance id."""
 
 
+class RequestFinished(ProvisioningError):
+    """A late redelivery of a request whose instance was deleted since: it changes nothing."""
+
+
 class InstanceNotFound(ProvisioningError):
     pass
 
 
 class InstanceNotBuilding(ProvisioningError):
     """A chain step found its instance no longer in BUILD (failed or deleted): the chain stops."""
+
+
+class InstanceNotDeleting(ProvisioningError):
+    """A delete step found its instance not (or no longer) being deleted."""
 
 
 class BrokerUnavailable(ProvisioningError):

@@ -15,7 +15,17 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
-from berth.ids import binding_keys, binding_member, guest_queue, queue_lists, unacked_keys
+from berth.ids import (
+    RESULT_KEY_PREFIX,
+    binding_keys,
+    binding_member,
+    deadletter_key,
+    guest_queue,
+    queue_lists,
+    result_key,
+    secrets_key,
+    unacked_keys,
+)
 from tasks.errors import QueueMissing
 
 
@@ -50,6 +60,33 @@ def forget_unacked(client: redis.Redis, instance_id: str) -> None:
     """Drop what the guest took and never acknowledged, so a restarted guest does not restore it."""
     keys = unacked_keys(instance_id)
     client.delete(keys["unacked_key"], keys["unacked_index_key"])
+
+
+def instance_keys(client: redis.Redis, instance_id: str) -> list[str]:
+    """The instance's keys on the broker, except its record: its queue (every priority list),
+    the queue's bindings, its guest's unacked keys, its secrets and its dead letters."""
+    keys = [*queue_lists(instance_id), *binding_keys(instance_id), *unacked_keys(instance_id).values(),
+            secrets_key(instance_id), deadletter_key(instance_id)]
+    return [k for k in keys if client.exists(k)]
+
+
+def result_keys(client: redis.Redis, instance_id: str) -> list[str]:
+    """Every stored result whose task id names the instance.
+
+    Task ids start with ``<id>.`` and ids hold no dot, so ``db-1`` never matches ``db-10``'s.
+    """
+    return [str(k) for k in client.scan_iter(match=f"{RESULT_KEY_PREFIX}{instance_id}.*", count=1000)]
+
+
+def remove_instance_keys(broker: redis.Redis, results: redis.Redis, instance_id: str,
+                         extra_task_ids: tuple[str, ...] = ()) -> int:
+    """Delete every key of the instance but its record (and extra_task_ids' results); how many."""
+    removed = 0
+    if keys := instance_keys(broker, instance_id):
+        removed += int(broker.delete(*keys))
+    if keys := result_keys(results, instance_id) + [result_key(t) for t in extra_task_ids]:
+        removed += int(results.delete(*keys))
+    return removed
 
 
 def publish(

@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from berth.ids import RECORD_INDEX_KEY, record_key
+from berth.ids import RECORD_INDEX_KEY, finished_request_key, record_key
 from berth.spec import ProvisionRequest
-from tasks.errors import InstanceExists
+from tasks.errors import InstanceExists, RequestFinished
 
 log = logging.getLogger("berth.records")
 
@@ -29,6 +29,8 @@ class Status(StrEnum):
     BUILD = "BUILD"
     ACTIVE = "ACTIVE"
     FAILED = "FAILED"
+    # Delete under way: the chain stops at its next step, the guest is shut down, keys removed.
+    DELETING = "DELETING"
     DELETED = "DELETED"
 
 
@@ -42,9 +44,13 @@ class Reason(StrEnum):
 
 
 FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED})
+# Instances with a chain under way (BUILD, DELETING), scored by when a step of theirs last ran:
+# what `tasks.reconcile` watches for a chain whose message was lost.
+INFLIGHT_KEY = "berth:inflight"
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
-INT_FIELDS = frozenset({"ping_attempts"})
+INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",
+                        "prepare_rolled_back", "dead_letters", "keys_removed"})
 
 # KEYS[1] record; ARGV: new status, number of allowed old statuses, those statuses, then
 # field/value pairs. Returns {1, old} when applied, {0, old or false} when refused.
@@ -128,6 +134,9 @@ class Records:
             while True:
                 try:
                     pipe.watch(key)
+                    if pipe.exists(finished_request_key(request_id)):
+                        raise RequestFinished(f"request {request_id} for {request.instance_id} finished "
+                                              "long ago (its instance was deleted): a stale redelivery")
                     current = [None if v is None else text(v) for v in pipe.hmget(key, "status", "request_id")]
                     if current[0] is not None and current[0] != Status.DELETED.value:
                         if current[1] == request_id:
@@ -147,6 +156,16 @@ class Records:
                  request.datastore, request.boot)
         return True
 
+    def forget(self, instance_id: str, request_id: str) -> None:
+        """Take back a NEW record of this request (its message could not be sent)."""
+        key = record_key(instance_id)
+        if self.client.hmget(key, "status", "request_id") == [Status.NEW.value, request_id]:
+            with self.client.pipeline() as pipe:
+                pipe.delete(key)
+                pipe.zrem(RECORD_INDEX_KEY, instance_id)
+                pipe.zrem(INFLIGHT_KEY, instance_id)
+                pipe.execute()
+
     def get(self, instance_id: str) -> InstanceRecord | None:
         raw = self.client.hgetall(record_key(instance_id))
         if not raw:
@@ -154,9 +173,29 @@ class Records:
         return InstanceRecord({text(k): _decode(text(k), v) for k, v in raw.items()})
 
     def all(self) -> list[InstanceRecord]:
-        ids = self.client.zrange(RECORD_INDEX_KEY, 0, -1)
-        records = (self.get(text(i)) for i in ids)
-        return [r for r in records if r is not None]
+        found = []
+        for raw in self.client.zrange(RECORD_INDEX_KEY, 0, -1):
+            record = self.get(text(raw))
+            if record is None:
+                # A deleted instance's audit record expired: forget it in the index too.
+                self.client.zrem(RECORD_INDEX_KEY, text(raw))
+            else:
+                found.append(record)
+        return found
+
+    def finish_requests(self, ttl_s: float, *request_ids: str) -> None:
+        """Mark requests finished for ttl_s: their messages, redelivered late, change nothing."""
+        with self.client.pipeline() as pipe:
+            for request_id in request_ids:
+                pipe.set(finished_request_key(request_id), "1", ex=max(1, int(ttl_s)))
+            pipe.execute()
+
+    def is_finished(self, request_id: str) -> bool:
+        return bool(self.client.exists(finished_request_key(request_id)))
+
+    def expire(self, instance_id: str, ttl_s: float) -> None:
+        """Keep the record (an audit trail) for ttl_s more seconds."""
+        self.client.expire(record_key(instance_id), max(1, int(ttl_s)))
 
     def update(self, instance_id: str, **fields: Any) -> None:
         encoded: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
@@ -167,6 +206,10 @@ class Records:
         key = record_key(instance_id)
         self.client.hsetnx(key, name, _encode(name, value))
         return _decode(name, self.client.hget(key, name))
+
+    def step_ran(self, instance_id: str, now: float | None = None) -> None:
+        """A step of the instance's chain (provisioning or delete) ran just now."""
+        self.client.zadd(INFLIGHT_KEY, {instance_id: time.time() if now is None else now})
 
     def incr(self, instance_id: str, name: str) -> int:
         return int(self.client.hincrby(record_key(instance_id), name, 1))
@@ -181,6 +224,8 @@ class Records:
             pairs += [name, _encode(name, value)]
         applied, old = self._transition(keys=[record_key(instance_id)],
                                         args=[to.value, len(allowed), *allowed, *pairs])
+        if applied and to in FINAL:
+            self.client.zrem(INFLIGHT_KEY, instance_id)
         if applied:
             detail = " ".join(f"{k}={fields[k]}" for k in ("reason", "error") if k in fields)
             log.info("instance %s: %s -> %s (step=%s)%s", instance_id, old, to.value, step,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis
@@ -19,7 +20,9 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from berth.ids import ping_task_id, prepare_task_id, step_task_id
+from berth.config import STEP_RETRY_BACKOFF_MAX_S
+from berth.failpoints import failpoint
+from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
 from tasks import app, queues, secrets, waiting
@@ -34,6 +37,7 @@ from tasks.errors import (
     PrepareFailed,
     PrepareTimeout,
     ProvisioningError,
+    RequestFinished,
     from_invalid_field,
 )
 from tasks.records import InstanceRecord, Reason, Status
@@ -58,6 +62,24 @@ def validated(instance_id: object, **fields: Any) -> ProvisionRequest:
         return validate_request(instance_id, limits=limits(), **fields)
     except InvalidField as exc:
         raise from_invalid_field(exc) from exc
+
+
+def register(request: ProvisionRequest, request_id: str) -> bool:
+    """Record the request as NEW and keep its passwords aside; False if this request did already.
+
+    Raises InstanceExists when another request owns the id.
+    """
+    if not records().create(request, request_id=request_id):
+        return False
+    ttl = request.boot_delay_s + request.ping_deadline_s + request.prepare_deadline_s + SECRETS_MARGIN_S
+    try:
+        secrets.store(redis_client(), request.instance_id, request.users, ttl)
+        records().step_ran(request.instance_id)
+    except Exception:
+        # Nothing half-created: without its secrets the record would block the id for nothing.
+        records().forget(request.instance_id, request_id)
+        raise
+    return True
 
 
 def _building(instance_id: str) -> InstanceRecord:
@@ -90,8 +112,14 @@ def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[Pro
     raise exc(f"instance {instance_id}: {reason.value}: {error}")
 
 
+CHAIN_STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
 # Errors that say nothing about the instance's own build (or were recorded already).
-NOT_THE_BUILDS_FAULT = (InstanceExists, InstanceNotBuilding, InstanceNotFound, InvalidRequest)
+NOT_THE_BUILDS_FAULT = (InstanceExists, InstanceNotBuilding, InstanceNotFound, InvalidRequest, RequestFinished)
+
+
+def instance_of(args: Any, kwargs: Any) -> object:
+    """The instance id a step was called with (its first argument)."""
+    return args[0] if args else kwargs.get("instance_id")
 
 
 class Step(Task):
@@ -104,7 +132,7 @@ class Step(Task):
     throws = (ProvisioningError,)
     autoretry_for = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
     retry_backoff = 1
-    retry_backoff_max = 10
+    retry_backoff_max = int(STEP_RETRY_BACKOFF_MAX_S)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -117,7 +145,7 @@ class Step(Task):
             raise Reject(exc.reason, requeue=True) from exc
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        instance_id = args[0] if args else kwargs.get("instance_id")
+        instance_id = instance_of(args, kwargs)
         if isinstance(exc, NOT_THE_BUILDS_FAULT) or not isinstance(instance_id, str):
             return
         step = self.name.rsplit(".", 1)[-1]
@@ -129,6 +157,32 @@ class Step(Task):
             _mark_failed(instance_id, Reason.INTERNAL_ERROR, step, f"{type(exc).__name__}: {exc}"[:300])
         except Exception:  # noqa: BLE001 - the broker may be the thing that failed; the log keeps it
             log.exception("instance %s: could not record the failure of %s", instance_id, step)
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        instance_id = instance_of(args, kwargs)
+        if isinstance(instance_id, str):
+            records().step_ran(instance_id)
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A chain stopped by delete takes its results with it, then tells delete it has stopped.
+
+        Celery stores the stopping step's failure, and the same failure for every step after it,
+        before this runs; delete waits for ``chain_stopped_at`` so that no result of the instance
+        appears after delete removed them.
+        """
+        instance_id = instance_of(args, kwargs)
+        if not isinstance(retval, InstanceNotBuilding) or not isinstance(instance_id, str):
+            return
+        record = records().get(instance_id)
+        if record is None or record.status not in (Status.DELETING, Status.DELETED):
+            return
+        request_id = record["request_id"]
+        if task_id not in {step_task_id(instance_id, request_id, step) for step in CHAIN_STEPS}:
+            return
+        stale = [result_key(step_task_id(instance_id, request_id, step)) for step in CHAIN_STEPS]
+        redis_client().delete(*stale)
+        records().set_once(instance_id, "chain_stopped_at", time.time())
+        log.info("instance %s: provisioning chain stopped at %s for delete", instance_id, self.name)
 
 
 def summary(record: InstanceRecord) -> dict[str, Any]:
@@ -143,14 +197,12 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     ``request_id`` names the provisioning request: the same request arriving again (a
     redelivery) goes on; another request for an id in use is refused with InstanceExists.
     """
-    request = validated(instance_id, **fields)
-    if records().create(request, request_id=request_id or self.request.root_id or self.request.id):
-        ttl = request.boot_delay_s + request.ping_deadline_s + request.prepare_deadline_s + SECRETS_MARGIN_S
-        secrets.store(redis_client(), instance_id, request.users, ttl)
+    register(validated(instance_id, **fields), request_id or self.request.root_id or self.request.id)
     queues.declare(app, instance_id)
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
                          queue_created_at=time.time())
     _building(instance_id)
+    failpoint("create_queue.done")
     return instance_id
 
 
@@ -165,6 +217,8 @@ def boot_guest(self: Task, instance_id: str) -> str:
     except OSError as exc:
         _fail(instance_id, Reason.BOOT_FAILED, "boot_guest", f"{driver.name} driver: {exc}", BootFailed)
     records().update(instance_id, booted_at=time.time())
+    if not info.get("already_running", True):
+        records().incr(instance_id, "boots")
     log.info("instance %s: boot driver %s: %s", instance_id, driver.name, info)
     return instance_id
 
@@ -176,14 +230,29 @@ def _as_pong(instance_id: str, answer: waiting.GuestAnswer | None) -> dict[str, 
     return None
 
 
-def _pong(instance_id: str, request_id: str, attempt: int) -> dict[str, Any] | None:
+def earlier_pong(instance_id: str, ping_id: Callable[[int], str], attempt: int) -> dict[str, Any] | None:
     """The guest's answer to either of the last two pings, if it answered as this instance."""
     for earlier in (attempt - 1, attempt - 2):
         if earlier >= 0:
-            pong = _as_pong(instance_id, waiting.peek(result_client(), ping_task_id(instance_id, request_id, earlier)))
+            pong = _as_pong(instance_id, waiting.peek(result_client(), ping_id(earlier)))
             if pong:
                 return pong
     return None
+
+
+def send_ping(instance_id: str, ping_id: str, *, now: float, countdown: float, wait: bool) -> dict[str, Any] | None:
+    """Ping the guest through its queue; with ``wait``, return its pong if it comes at once.
+
+    A ping lives until the check after next, then expires unread: a guest that comes up
+    late answers a fresh ping instead of working through a backlog of stale ones.
+    """
+    queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
+                   task_id=ping_id, expires=utc_datetime(now + 2 * countdown + 1.0))
+    if not wait:
+        return None
+    # Optimistic fast path: a live guest answers in milliseconds.
+    answer = waiting.wait_for_result(result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
+    return _as_pong(instance_id, answer)
 
 
 def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
@@ -193,6 +262,11 @@ def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
     return instance_id
 
 
+def ping_countdown(attempt: int, now: float, deadline_at: float) -> float:
+    return next_countdown(attempt, now=now, deadline_at=deadline_at,
+                          base_s=setting("ping_backoff_base_s"), cap_s=setting("ping_backoff_cap_s"))
+
+
 @app.task(base=Step, name="taskmanager.ping_guest", bind=True, max_retries=None)
 def ping_guest(self: Task, instance_id: str) -> str:
     """Ping through guest.ID until it answers or the per-instance deadline passes."""
@@ -200,26 +274,21 @@ def ping_guest(self: Task, instance_id: str) -> str:
     attempt, now = self.request.retries, time.time()
     records().set_once(instance_id, "ping_started_at", now)
     deadline_at = records().set_once(instance_id, "ping_deadline_at", now + record["ping_deadline_s"])
-    pong = _pong(instance_id, record["request_id"], attempt)
+
+    def ping_id(n: int) -> str:
+        return ping_task_id(instance_id, record["request_id"], n)
+
+    pong = earlier_pong(instance_id, ping_id, attempt)
     if pong:
         return _guest_ready(instance_id, pong, attempt)
     if now >= deadline_at:
         _fail(instance_id, Reason.GUEST_UNREACHABLE, "ping_guest",
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
-    countdown = next_countdown(attempt, now=now, deadline_at=deadline_at,
-                               base_s=setting("ping_backoff_base_s"), cap_s=setting("ping_backoff_cap_s"))
-    ping_id = ping_task_id(instance_id, record["request_id"], attempt)
-    # A ping lives until the check after next, then expires unread: a guest that comes up
-    # late answers a fresh ping instead of working through a backlog of stale ones.
-    expires = now + 2 * countdown + 1.0
-    queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                   task_id=ping_id, expires=_utc(expires))
+    countdown = ping_countdown(attempt, now, deadline_at)
+    pong = send_ping(instance_id, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0)
     records().update(instance_id, ping_attempts=attempt + 1)
-    if attempt == 0:
-        # Optimistic fast path: a live guest answers in milliseconds.
-        answer = waiting.wait_for_result(result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
-        if pong := _as_pong(instance_id, answer):
-            return _guest_ready(instance_id, pong, 1)
+    if pong:
+        return _guest_ready(instance_id, pong, 1)
     raise self.retry(countdown=countdown)
 
 
@@ -234,12 +303,17 @@ def send_prepare(self: Task, instance_id: str) -> str:
     if missing:
         _fail(instance_id, Reason.PREPARE_FAILED, "send_prepare",
               f"the passwords of {', '.join(missing)} are gone (expired before prepare)", PrepareFailed)
-    kwargs = {"instance_id": instance_id, "datastore": record["datastore"],
-              "users": [{"name": n, "password": passwords[n]} for n in record["users"]],
-              "databases": record["databases"], "config": record["config"]}
-    queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs,
-                   task_id=prepare_task_id(instance_id, record["request_id"]), expires=_utc(deadline_at))
-    records().set_once(instance_id, "prepare_sent_at", now)
+    if record.get("prepare_sent_at") is None:
+        # Not published yet, or published by a run that died before recording it: a second
+        # copy then reaches the guest, whose journal applies it once.
+        kwargs = {"instance_id": instance_id, "datastore": record["datastore"],
+                  "users": [{"name": n, "password": passwords[n]} for n in record["users"]],
+                  "databases": record["databases"], "config": record["config"]}
+        queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs,
+                       task_id=prepare_task_id(instance_id, record["request_id"]), expires=utc_datetime(deadline_at))
+        records().incr(instance_id, "prepare_sent")
+        records().set_once(instance_id, "prepare_sent_at", now)
+    failpoint("send_prepare.done")
     return instance_id
 
 
@@ -270,7 +344,8 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
 
 def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
     records().transition(instance_id, Status.ACTIVE, [Status.BUILD], "verify",
-                         active_at=time.time(), connection=result.get("connection") or {})
+                         active_at=time.time(), connection=result.get("connection") or {},
+                         **audit_counts(result))
     secrets.drop(redis_client(), instance_id)
     record = records().get(instance_id)
     assert record is not None
@@ -279,5 +354,11 @@ def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
     return summary(record)
 
 
-def _utc(epoch_s: float) -> dt.datetime:
+def audit_counts(answer: dict[str, Any]) -> dict[str, int]:
+    """The guest's own count of prepare deliveries and applications, for the record."""
+    return {f"prepare_{name}": int(answer[name]) for name in ("deliveries", "applied", "rolled_back")
+            if isinstance(answer.get(name), int)}
+
+
+def utc_datetime(epoch_s: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch_s, tz=dt.UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,21 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.popen.wait()
+
+
+def workflows_cli(*args: str, env: dict[str, str] | None = None,
+                  timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+    """`python -m workflows ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "workflows", *args], capture_output=True, text=True,
+                          cwd=PROJECT_DIR, env=env or project_env(), timeout=timeout_s)
+
+
+def guest_journal(instance_id: str, home: Path | None = None) -> dict[str, Any]:
+    """A local guest's prepare journal ({} before its first prepare)."""
+    from tasks.drivers import LocalDriver
+
+    path = LocalDriver(home).guest_dir(instance_id) / "prepare.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def celery(*args: str) -> list[str]:

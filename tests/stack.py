@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import redis
 
 from berth.broker import EmbeddedRedis
-from berth.paths import PROJECT_DIR
 from tasks.drivers import LocalDriver
-from tests.helpers import Proc, celery, project_env, wait_until
+from tests.helpers import Proc, celery, project_env, wait_until, workflows_cli
 
 
 class Stack:
@@ -20,20 +18,22 @@ class Stack:
         self.home = home or root / "home"
         self.broker = EmbeddedRedis(root / "redis").start()
         self.env = project_env(CELERY_BROKER_URL=self.broker.url, CELERY_RESULT_BACKEND=self.broker.url,
-                               BERTH_HOME=str(self.home))
+                               BERTH_HOME=str(self.home),
+                               # Drills: a lapsed node is noticed within a second or two.
+                               BERTH_NODE_LEASE_S="3")
         self.taskmanagers: list[Proc] = []
 
-    def start_taskmanager(self, name: str = "tm") -> Proc:
+    def start_taskmanager(self, name: str = "tm", **extra_env: str) -> Proc:
         proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", f"{name}@%h",
-                           "-l", "INFO"), self.root / "logs" / f"{name}-{len(self.taskmanagers)}.log", env=self.env)
+                           "-l", "INFO"), self.root / "logs" / f"{name}-{len(self.taskmanagers)}.log",
+                    env={**self.env, **extra_env})
         self.taskmanagers.append(proc)
         wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, message="taskmanager ready")
         assert proc.alive(), proc.log()
         return proc
 
     def cli(self, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "workflows", *args], capture_output=True, text=True,
-                              cwd=PROJECT_DIR, env=self.env, timeout=timeout_s)
+        return workflows_cli(*args, env=self.env, timeout_s=timeout_s)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.broker.url, decode_responses=True)

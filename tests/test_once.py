@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -16,21 +14,15 @@ from celery import chain
 
 from berth.ids import binding_keys, prepare_task_id, step_task_id
 from tasks import app, queues
-from tasks.drivers import LocalDriver
 from tasks.errors import InstanceExists, PrepareTimeout, QueueMissing
 from tasks.records import Reason, Records, Status
 from tasks.runtime import redis_client
 from tasks.taskmanager import create_queue, send_prepare, verify
-from tests.helpers import Proc, wait_for_status, wait_until
+from tests.helpers import Proc, guest_journal, wait_for_status, wait_until
 from tests.stack import Stack
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
-
-
-def journal(instance_id: str, home: Path | None = None) -> dict[str, Any]:
-    path = LocalDriver(home).guest_dir(instance_id) / "prepare.json"
-    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def test_provisioning_the_same_id_twice_from_python_is_refused(new_id: Callable[[str], str],
@@ -46,31 +38,9 @@ def test_provisioning_the_same_id_twice_from_python_is_refused(new_id: Callable[
         second.parent.parent.parent.parent.get(timeout=30)  # its create_queue refused it
 
 
-def test_a_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once(
-        new_id: Callable[[str], str], records: Records, start_guest: Callable[[str], Proc]) -> None:
-    instance_id = new_id("kill")
-    guest = start_guest(instance_id)
-    provision_chain(instance_id, datastore="noop", boot="none", prepare_deadline_s=60,
-                    config={"prepare_seconds": 2}).apply_async()
-    # Mid-prepare: the guest has recorded the delivery and is inside the datastore step (2 s).
-    wait_until(lambda: journal(instance_id).get("deliveries"), 30, message="prepare under way on the guest")
-    guest.signal(signal.SIGKILL)
-    guest.popen.wait()
-    record = records.get(instance_id)
-    assert record is not None
-    prepare_id = prepare_task_id(instance_id, record["request_id"])
-    assert journal(instance_id)["deliveries"] == {prepare_id: 1}
-    assert not journal(instance_id)["applied"]
-    restarted = start_guest(instance_id)
-    record = wait_for_status(records, instance_id, timeout_s=30)
-    assert record.status is Status.ACTIVE, record.fields
-    assert "restored 1 message(s)" in restarted.log()
-    entry = journal(instance_id)
-    assert list(entry["deliveries"].values()) == [2] and list(entry["applied"].values()) == [1]
-
-
+@pytest.mark.parametrize("iteration", range(2))
 def test_the_same_prepare_delivered_twice_is_applied_once(new_id: Callable[[str], str], records: Records,
-                                                         start_guest: Callable[[str], Proc]) -> None:
+                                                         iteration: int) -> None:
     instance_id = new_id("dup")
     provision_chain(instance_id, datastore="noop").apply_async().get(timeout=60)
     record = records.get(instance_id)
@@ -81,8 +51,8 @@ def test_the_same_prepare_delivered_twice_is_applied_once(new_id: Callable[[str]
     # A second delivery of the very same message (as after a visibility timeout).
     queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs, task_id=prepare_id,
                    expires=expires)
-    wait_until(lambda: journal(instance_id)["deliveries"][prepare_id] == 2, 30, message="second delivery")
-    entry = journal(instance_id)
+    wait_until(lambda: guest_journal(instance_id)["deliveries"][prepare_id] == 2, 30, message="second delivery")
+    entry = guest_journal(instance_id)
     assert list(entry["deliveries"].values()) == [2] and list(entry["applied"].values()) == [1]
 
 
@@ -102,7 +72,7 @@ def test_a_guest_that_appears_after_a_prepare_timeout_runs_no_stale_prepare(
                            task_id=f"{instance_id}.probe", expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30))
     assert probe.get(timeout=20)["instance_id"] == instance_id
     assert "guest.prepare" not in guest.log().split(" ready.", 1)[1]
-    assert journal(instance_id) == {}
+    assert guest_journal(instance_id) == {}
 
 
 def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[str], str],
@@ -116,7 +86,7 @@ def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[st
     wait_until(lambda: time.time() > expires_at + 0.1, 5, message="prepare expired")
     start_guest(instance_id)
     assert wait_until(lambda: stale.state == "REVOKED" and stale.state, 30, message="expired prepare revoked")
-    assert journal(instance_id) == {}
+    assert guest_journal(instance_id) == {}
 
 
 def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_it(
@@ -151,13 +121,13 @@ def provision_on_fresh_stack(root: Path, home: Path, password: str) -> int:
         assert out.returncode == 0, out.stdout + out.stderr
         port = int(json.loads(stack.cli("show", "again-1").stdout)["connection"]["port"])
         assert redis.Redis(port=port, username="app", password=password).ping()
-        assert list(journal("again-1", home)["applied"].values()) == [1]
+        assert list(guest_journal("again-1", home)["applied"].values()) == [1]
         return port
     finally:
         stack.close()
 
 
-def test_a_new_request_for_an_id_gets_a_fresh_guest_not_the_old_ones_journal(tmp_path: Path) -> None:
+def test_a_new_request_for_an_id_gets_a_fresh_guest_not_the_old_ones_guest_journal(tmp_path: Path) -> None:
     home = tmp_path / "home"
     provision_on_fresh_stack(tmp_path / "a", home, "first-password")
     # A second control plane (new broker, no record of again-1) on the same host: a new machine,

@@ -18,9 +18,23 @@ from typing import Any
 from celery import chain
 
 from berth.ids import step_task_id
-from tasks.taskmanager import boot_guest, create_queue, ping_guest, send_prepare, validated, verify
+from tasks import secrets
+from tasks.deletion import DELETE_STEPS, remove_instance, shutdown_guest
+from tasks.records import InstanceRecord, Status
+from tasks.runtime import records, redis_client
+from tasks.taskmanager import (
+    CHAIN_STEPS,
+    REQUEST_FIELDS,
+    boot_guest,
+    create_queue,
+    ping_guest,
+    register,
+    send_prepare,
+    validated,
+    verify,
+)
 
-STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
+STEPS = CHAIN_STEPS
 
 
 def provision_chain(instance_id: str, *, request_id: str | None = None, **request: Any) -> chain:
@@ -48,4 +62,57 @@ def provision_chain(instance_id: str, *, request_id: str | None = None, **reques
     )
 
 
-__all__ = ["STEPS", "provision_chain"]
+def submit(instance_id: str, **request: Any) -> str:
+    """Provision durably: record the request first, then send it; return the request id.
+
+    Raises InvalidRequest (nothing created), InstanceExists, or kombu's OperationalError when
+    the broker is down (the record is taken back: nothing half-created stays). Once this
+    returns, the request survives any crash: were its message lost, the taskmanager's
+    reconciler finds the NEW record and starts the chain (see `tasks.reconcile`).
+    """
+    spec = validated(instance_id, **request)
+    request_id = str(uuid.uuid4())
+    register(spec, request_id)
+    try:
+        provision_task().apply_async(args=[spec.instance_id], kwargs=request, task_id=request_id)
+    except Exception:
+        records().forget(spec.instance_id, request_id)
+        secrets.drop(redis_client(), spec.instance_id)
+        raise
+    return request_id
+
+
+def provision_task() -> Any:
+    from workflows.tasks import provision
+
+    return provision
+
+
+def delete_chain(instance_id: str, request_id: str) -> chain:
+    """shutdown_guest -> remove_instance, with ids ``<instance id>.<step>.<delete request>``."""
+    return chain(
+        shutdown_guest.si(instance_id).set(task_id=step_task_id(instance_id, request_id, "shutdown_guest")),
+        remove_instance.si(instance_id).set(task_id=step_task_id(instance_id, request_id, "remove_instance")),
+    )
+
+
+def resume_chain(record: InstanceRecord, step: str) -> chain:
+    """The rest of the instance's chain from ``step`` on, with the chain's own task ids."""
+    if step == "create_queue":
+        request = {**{k: record[k] for k in REQUEST_FIELDS if k not in ("users",)},
+                   "users": [{"name": n, "password": p} for n, p in secrets.load(redis_client(),
+                                                                              record.instance_id).items()]}
+        return provision_chain(record.instance_id, request_id=record["request_id"], **request)
+    names: tuple[str, ...]
+    if record.status is Status.DELETING:
+        whole = delete_chain(record.instance_id, record["delete_request_id"])
+        names = DELETE_STEPS
+    else:
+        iid, rid = record.instance_id, record["request_id"]
+        tasks = {"boot_guest": boot_guest, "ping_guest": ping_guest, "send_prepare": send_prepare, "verify": verify}
+        whole = chain(*(tasks[name].si(iid).set(task_id=step_task_id(iid, rid, name)) for name in STEPS[1:]))
+        names = STEPS[1:]
+    return chain(*whole.tasks[names.index(step):])
+
+
+__all__ = ["STEPS", "delete_chain", "provision_chain", "resume_chain"]

@@ -1,4 +1,4 @@
-"""The command line: ``python -m workflows provision|show|list``.
+"""The command line: ``python -m workflows provision|show|list|delete|ping|dead-letters``.
 
 Exit codes: 0 done (ACTIVE with --wait), 1 the instance FAILED or the request was refused,
 2 bad input, 3 broker unreachable, 4 no taskmanager picked the request up.
@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,12 +21,14 @@ from kombu.utils.url import maybe_sanitize_url
 
 from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
-from berth.ids import INSTANCE_ID_FORMAT
-from tasks import app
-from tasks.errors import InvalidRequest
+from berth.ids import INSTANCE_ID_FORMAT, task_id
+from berth.spec import InvalidField, check_instance_id
+from tasks import app, queues, waiting
+from tasks.errors import InstanceExists, InvalidRequest, QueueMissing
 from tasks.records import FINAL, InstanceRecord, Status
-from tasks.runtime import records, setting
+from tasks.runtime import records, result_client, setting
 from tasks.taskmanager import validated
+from workflows import submit
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NO_TASKMANAGER = 0, 1, 2, 3, 4
 WAIT_MARGIN_S = 60.0
@@ -44,6 +47,18 @@ def parse_user(text: str) -> dict[str, str]:
     return {"name": name, "password": password}
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key == "prepare_seconds":
+        try:
+            return key, float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"prepare_seconds={value!r} is not a number of seconds") from None
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows", description="Provision and inspect Berth instances.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,11 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-deadline", type=float, metavar="S", help="give prepare at most S seconds")
     p.add_argument("--user", action="append", type=parse_user, default=[], metavar="NAME:PASSWORD")
     p.add_argument("--database", action="append", default=[], metavar="NAME")
+    p.add_argument("--config", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
+                   help="a datastore setting (redis: maxmemory, maxmemory-policy; noop: prepare_seconds, fail)")
     p.add_argument("--wait", action="store_true", help="follow the provisioning; exit 0 on ACTIVE, 1 on FAILED")
     s = sub.add_parser("show", help="show one instance as JSON")
     s.add_argument("instance_id", metavar="ID")
     ls = sub.add_parser("list", help="list instances")
     ls.add_argument("--json", action="store_true")
+    d = sub.add_parser("delete", help="delete an instance (its guest, datastore, queue, results, secrets)")
+    d.add_argument("instance_id", metavar="ID")
+    d.add_argument("--wait", action="store_true", help="follow the delete; exit 0 once DELETED")
+    pg = sub.add_parser("ping", help="ping the instance's guest through its queue")
+    pg.add_argument("instance_id", metavar="ID")
+    pg.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    dl = sub.add_parser("dead-letters", help="messages the instance's guest refused and dropped, newest first")
+    dl.add_argument("instance_id", metavar="ID")
+    dl.add_argument("--limit", type=int, default=100)
     return parser
 
 
@@ -79,7 +105,7 @@ def check_broker() -> None:
 
 def request_from(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {"datastore": args.datastore, "boot": args.boot, "boot_delay_s": args.boot_delay,
-                               "users": args.user, "databases": args.database}
+                               "users": args.user, "databases": args.database, "config": dict(args.config)}
     if args.ping_deadline is not None:
         request["ping_deadline_s"] = args.ping_deadline
     if args.prepare_deadline is not None:
@@ -94,14 +120,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
     except InvalidRequest as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     check_broker()
-    existing = records().get(spec.instance_id)
-    if existing is not None and existing.status is not Status.DELETED:
-        raise CliError(f"instance {spec.instance_id} already exists (status {existing.status.value})", EXIT_FAILED)
     try:
-        sent = app.send_task("workflows.provision", args=[spec.instance_id], kwargs=request)
-    except OperationalError as exc:
+        request_id = submit(spec.instance_id, **request)
+    except InstanceExists as exc:
+        raise CliError(str(exc), EXIT_FAILED) from exc
+    except (OperationalError, redis.RedisError) as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
-    print(f"provisioning {spec.instance_id} (request {sent.id})", flush=True)
+    sent = app.AsyncResult(request_id)
+    print(f"provisioning {spec.instance_id} (request {request_id})", flush=True)
     if not args.wait:
         print(f"follow it with: python -m workflows show {spec.instance_id}")
         return EXIT_OK
@@ -135,13 +161,14 @@ def follow(instance_id: str, sent: Any, timeout_s: float) -> int:
     printed = 0
     while time.monotonic() - started < timeout_s:
         record = records().get(instance_id)
-        if record is None:
+        if record is None or record.status is Status.NEW:
             if sent.state == "FAILURE":
                 raise CliError(f"request refused: {sent.result}", EXIT_FAILED)
             if time.monotonic() - started > setting("pickup_timeout_s"):
                 raise CliError(f"no taskmanager picked the request up within {setting('pickup_timeout_s'):g} s: "
-                               "is `celery -A tasks worker -Q taskmanager` running?", EXIT_NO_TASKMANAGER)
-        else:
+                               "is `celery -A tasks worker -Q taskmanager` running? The request is kept and "
+                               "starts when one runs.", EXIT_NO_TASKMANAGER)
+        if record is not None:
             lines = progress_lines(record)
             for line in lines[printed:]:
                 print(f"{instance_id}: {line}", flush=True)
@@ -202,7 +229,97 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"provision": cmd_provision, "show": cmd_show, "list": cmd_list}
+def _checked_id(instance_id: str) -> str:
+    try:
+        return check_instance_id(instance_id)
+    except InvalidField as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    instance_id = _checked_id(args.instance_id)
+    check_broker()
+    record = records().get(instance_id)
+    if record is None:
+        raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
+    if record.status is Status.DELETED:
+        print(f"{instance_id} is already deleted")
+        return EXIT_OK
+    try:
+        sent = app.send_task("workflows.delete", args=[instance_id])
+    except OperationalError as exc:
+        raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
+    print(f"deleting {instance_id} (request {sent.id})", flush=True)
+    if not args.wait:
+        print(f"follow it with: python -m workflows show {instance_id}")
+        return EXIT_OK
+    timeout_s = sum(setting(n) for n in ("delete_ping_deadline_s", "shutdown_deadline_s", "chain_stop_wait_s"))
+    return follow_delete(instance_id, sent, timeout_s + WAIT_MARGIN_S)
+
+
+def delete_lines(record: InstanceRecord) -> list[str]:
+    lines = []
+    if record.status in (Status.DELETING, Status.DELETED):
+        lines.append(f"DELETING (was {record.get('deleted_from')}): chain stopped, guest asked to shut down")
+    if record.get("guest_shutdown"):
+        outcome = record["guest_shutdown"]
+        lines.append("guest shut its datastore down" if outcome == "done" else f"guest: {outcome}; stopping it anyway")
+    if record.status is Status.DELETED:
+        lines.append(f"DELETED ({record.get('keys_removed', 0)} broker keys removed; record kept for audit)")
+    return lines
+
+
+def follow_delete(instance_id: str, sent: Any, timeout_s: float) -> int:
+    started, printed = time.monotonic(), 0
+    while time.monotonic() - started < timeout_s:
+        record = records().get(instance_id)
+        if record is None:
+            print(f"{instance_id}: DELETED (audit record expired)")
+            return EXIT_OK
+        if record.status not in (Status.DELETING, Status.DELETED):
+            if sent.state == "FAILURE":
+                raise CliError(f"delete refused: {sent.result}", EXIT_FAILED)
+            if time.monotonic() - started > setting("pickup_timeout_s"):
+                raise CliError(f"no taskmanager picked the delete up within {setting('pickup_timeout_s'):g} s: "
+                               "is `celery -A tasks worker -Q taskmanager` running?", EXIT_NO_TASKMANAGER)
+        lines = delete_lines(record)
+        for line in lines[printed:]:
+            print(f"{instance_id}: {line}", flush=True)
+        printed = max(printed, len(lines))
+        if record.status is Status.DELETED:
+            return EXIT_OK
+        time.sleep(0.1)
+    raise CliError(f"{instance_id} still not DELETED after {timeout_s:g} s", EXIT_FAILED)
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    instance_id = _checked_id(args.instance_id)
+    check_broker()
+    started = time.monotonic()
+    ping_id = task_id(instance_id, f"cliping.{uuid.uuid4().hex[:12]}")
+    try:
+        queues.publish(app, records().client, instance_id, "guest.ping", kwargs={"instance_id": instance_id},
+                       task_id=ping_id, expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.timeout))
+    except QueueMissing as exc:
+        raise CliError(str(exc), EXIT_FAILED) from exc
+    answer = waiting.wait_for_result(result_client(), ping_id, args.timeout)
+    if answer is None or not answer.ok:
+        raise CliError(f"guest of {instance_id} did not answer within {args.timeout:g} s", EXIT_FAILED)
+    print(json.dumps({**answer.result, "round_trip_ms": round((time.monotonic() - started) * 1000, 1)}))
+    return EXIT_OK
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from guest import deadletters
+
+    instance_id = _checked_id(args.instance_id)
+    check_broker()
+    print(json.dumps(deadletters.read(records().client, instance_id, limit=args.limit), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+COMMANDS = {"provision": cmd_provision, "show": cmd_show, "list": cmd_list, "delete": cmd_delete,
+            "ping": cmd_ping, "dead-letters": cmd_dead_letters}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

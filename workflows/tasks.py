@@ -1,16 +1,21 @@
-"""`workflows.provision`: the task that starts the chain, for `celery call` and Flower's API."""
+"""`workflows.provision` and `workflows.delete`: the tasks that start the chains, for `celery call`,
+Flower's API and the command line."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Task
 
+from berth.spec import InvalidField, check_instance_id
 from tasks import app
-from tasks.errors import InstanceExists, ProvisioningError
+from tasks.errors import InstanceExists, InstanceNotFound, ProvisioningError, RequestFinished, from_invalid_field
 from tasks.records import Status
 from tasks.runtime import records
-from workflows import provision_chain
+from workflows import delete_chain, provision_chain
+
+DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED)
 
 
 @app.task(name="workflows.provision", bind=True, throws=(ProvisioningError,))
@@ -20,6 +25,9 @@ def provision(self: Task, instance_id: str, **request: Any) -> dict[str, Any]:
     Returns at once with the id of the chain's last task; follow the instance with
     ``python -m workflows show ID`` or in Flower.
     """
+    if records().is_finished(self.request.id):
+        raise RequestFinished(f"request {self.request.id} for {instance_id} finished long ago "
+                              "(its instance was deleted): a stale redelivery changes nothing")
     # This task's id names the request, so a redelivery of it continues the same provisioning.
     chain = provision_chain(instance_id, request_id=self.request.id, **request)
     verify_id = chain.tasks[-1].options["task_id"]
@@ -27,7 +35,42 @@ def provision(self: Task, instance_id: str, **request: Any) -> dict[str, Any]:
     if existing is not None and existing.status is not Status.DELETED:
         if existing.get("request_id") != self.request.id:
             raise InstanceExists(f"instance {instance_id} already exists (status {existing.status.value})")
-        # A redelivery after the chain started: it is on its way, do not start it twice.
-        return {"instance_id": instance_id, "status": existing.status.value, "verify_task_id": verify_id}
+        if existing.status is not Status.NEW:
+            # A redelivery after the chain started: it is on its way, do not start it twice.
+            return {"instance_id": instance_id, "status": existing.status.value, "verify_task_id": verify_id}
+        # NEW: recorded by `workflows.submit` (or a redelivery before create_queue ran): start it.
     chain.apply_async()
     return {"instance_id": instance_id, "status": Status.NEW.value, "verify_task_id": verify_id}
+
+
+@app.task(name="workflows.delete", bind=True, throws=(ProvisioningError,))
+def delete(self: Task, instance_id: str) -> dict[str, Any]:
+    """Mark the instance DELETING (its provisioning chain stops), then start the delete chain.
+
+    Deleting a DELETED instance changes nothing; running delete again on one stuck in DELETING
+    resumes it. Follow it with ``python -m workflows show ID`` or in Flower.
+    """
+    try:
+        instance_id = check_instance_id(instance_id)
+    except InvalidField as exc:
+        raise from_invalid_field(exc) from exc
+    if records().is_finished(self.request.id):
+        raise RequestFinished(f"delete request {self.request.id} for {instance_id} finished long ago: "
+                              "a stale redelivery changes nothing")
+    record = records().get(instance_id)
+    if record is None:
+        raise InstanceNotFound(f"no instance {instance_id}")
+    if record.status is Status.DELETED:
+        return {"instance_id": instance_id, "status": Status.DELETED.value}
+    if record.status is Status.DELETING:
+        if record.get("delete_request_id") == self.request.id:
+            # A redelivery of this request: its chain is on its way already.
+            return {"instance_id": instance_id, "status": Status.DELETING.value}
+        records().update(instance_id, delete_request_id=self.request.id)
+    elif not records().transition(instance_id, Status.DELETING, DELETABLE, "delete", deleted_from=record.status,
+                                  delete_requested_at=time.time(), delete_request_id=self.request.id):
+        # Its status changed under us (a step finished): read it again and decide again.
+        raise self.retry(countdown=0.1, max_retries=5)
+    records().step_ran(instance_id)  # the reconciler watches the delete chain from here on
+    delete_chain(instance_id, self.request.id).apply_async()
+    return {"instance_id": instance_id, "status": Status.DELETING.value}

@@ -24,6 +24,14 @@ class Manager(Protocol):
     def status(self) -> dict[str, Any]:
         ...
 
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the datastore (delete asks for this); return its status."""
+        ...
+
+    def discard(self) -> None:
+        """Undo a prepare that finished too late: nothing of it may remain."""
+        ...
+
 
 def get_manager(datastore: str, home: Path) -> Manager:
     from guest.datastores.noop import NoopManager

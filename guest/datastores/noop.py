@@ -26,5 +26,16 @@ class NoopManager:
         self.marker.write_text(json.dumps({"users": [u["name"] for u in users], "databases": databases}))
         return {"datastore": self.name, "users": [u["name"] for u in users], "databases": databases}
 
+    def shutdown(self) -> dict[str, Any]:
+        if self.marker.exists():
+            self.marker.replace(self.marker.with_suffix(".stopped"))
+        return self.status()
+
+    def discard(self) -> None:
+        self.marker.unlink(missing_ok=True)
+
     def status(self) -> dict[str, Any]:
-        return {"datastore": self.name, "status": "running" if self.marker.exists() else "not prepared"}
+        if self.marker.exists():
+            return {"datastore": self.name, "status": "running"}
+        stopped = self.marker.with_suffix(".stopped").exists()
+        return {"datastore": self.name, "status": "stopped" if stopped else "not prepared"}

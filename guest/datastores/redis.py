@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -119,6 +120,24 @@ class RedisManager:
         return {"datastore": self.name, "host": "127.0.0.1", "port": state["port"],
                 "users": [u["name"] for u in users], "databases": databases,
                 "key_prefixes": [f"{db}:" for db in databases]}
+
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the server (its data stays on the guest's disk); safe to repeat."""
+        if self.state_file.exists():
+            state = self._state()
+            try:
+                self._admin(state).shutdown(nosave=True)
+            except redis.RedisError:
+                pass  # not running, or the connection closed as it went down
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while self._answers(state) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self.status()
+
+    def discard(self) -> None:
+        """Undo prepare completely: stop the server and remove its files."""
+        self.shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
         if not self.state_file.exists():

@@ -1,0 +1,163 @@
+"""Messages a consumer took and never acknowledged go back to their queue without waiting an hour.
+
+kombu's Redis transport emulates acks: a delivered message sits in an ``unacked`` hash until it
+is acknowledged, and any consumer puts it back once it is older than the visibility timeout
+(an hour here, because a prepare may legitimately run for half of that). Berth gives every
+consumer its own hash instead (a guest: ``unacked.<id>``; a taskmanager node:
+``unacked.node.<name>``), and exactly one process owns each. Then everything in a consumer's
+hash that it is not working on right now was in flight when an earlier run of it died
+(SIGKILL, power loss) or when its broker connection broke, and it can be put back at once:
+when the consumer (re)connects, not an hour later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import redis
+from celery import Celery, bootsteps
+from kombu.transport import redis as redis_transport
+from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
+
+log = logging.getLogger("berth.unacked")
+SHARED_UNACKED_KEY = "unacked"
+# How often a consumer checks its own hash for messages it no longer holds, and how long one
+# must have been there: longer than any gap between taking a message and holding it.
+HEAL_INTERVAL_S = 10.0
+HEAL_AGE_S = 30.0
+
+
+def restore(app: Celery, transport_options: Mapping[str, Any] | None = None,
+            keep: Collection[str] = (), older_than_s: float = 0.0) -> int:
+    """Put messages of one consumer's unacked hash back on their queue, except ``keep``.
+
+    ``transport_options`` name the hash (default: the app's); ``older_than_s`` leaves the
+    messages taken more recently than that. Return how many went back.
+    """
+    with app.connection_for_write(transport_options=dict(transport_options or {})) as conn:
+        conn.ensure_connection(max_retries=None, interval_start=0.5, interval_step=0.5, interval_max=2.0)
+        channel = conn.default_channel
+        client = channel.client
+        if older_than_s > 0:
+            found = client.zrange(channel.unacked_index_key, "-inf", time.time() - older_than_s, byscore=True)
+        else:
+            found = client.hkeys(channel.unacked_key)
+        tags = [tag for tag in (t.decode() if isinstance(t, bytes) else str(t) for t in found) if tag not in keep]
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, client=client)
+    return len(tags)
+
+
+def _tags_in_hand() -> set[str]:
+    """Delivery tags of the messages this worker holds: running, waiting for a slot, or for their ETA."""
+    from celery.worker import state
+
+    tags = set()
+    for requests in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+        for request in list(requests):
+            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+            if tag is not None:
+                tags.add(str(tag))
+    return tags
+
+
+class OwnHashQoS(redis_transport.QoS):
+    """kombu's Redis QoS for a consumer whose unacked hash is its own (see the module docstring).
+
+    - A channel closing leaves its in-flight messages in the hash: kombu's own restore on
+      close fails inside kombu once the broker connection is gone, and stops the worker.
+    - An ack for a message delivered on a channel that has closed since (the broker went away
+      while the task ran) still removes it from the hash, through a client of its own,
+      instead of failing inside kombu and stopping the worker.
+    - An ack that cannot be written at all still releases the prefetch slot (see `_settle`).
+    """
+
+    restore_at_shutdown = False
+    broker_url: str | None = None
+
+    def ack(self, delivery_tag: str) -> None:
+        self._settle(delivery_tag, lambda: self._remove_from_indices(delivery_tag, self._pipe()).execute())
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self._settle(delivery_tag, lambda: self.restore_by_tag(delivery_tag, client=self._client(), leftmost=True))
+        else:
+            self.ack(delivery_tag)
+
+    def _client(self) -> Any:
+        if self.channel.connection is None and self.broker_url:
+            return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2.0)
+        return None
+
+    def _pipe(self) -> Any:
+        client = self._client()
+        return client.pipeline() if client is not None else None
+
+    def _settle(self, delivery_tag: str, write: Callable[[], Any]) -> None:
+        """Write the ack (or requeue) to the hash, then forget the message in memory, always.
+
+        If the broker is away the entry stays in the hash and `RestoreOwnUnacked.heal` puts it
+        back later (a repeat, never a loss); kombu would keep counting it against the prefetch
+        limit instead, and the consumer would never take another message.
+        """
+        try:
+            write()
+        except (redis.ConnectionError, redis.TimeoutError, AttributeError) as exc:
+            log.warning("could not settle message %s (%s): it stays in the unacked hash and is "
+                        "restored later", delivery_tag, exc)
+        virtual_QoS.ack(self, delivery_tag)
+
+
+def use_own_hash(broker_url: str) -> None:
+    """Make this process's Redis channels use `OwnHashQoS` (call before the consumer connects)."""
+    OwnHashQoS.broker_url = broker_url
+    redis_transport.Channel.QoS = OwnHashQoS
+
+
+class RestoreOwnUnacked(bootsteps.StartStopStep):
+    """Consumer step: give back what this consumer's hash holds and it does not.
+
+    At every (re)connection, everything it does not hold goes back: that was lost with the
+    previous connection or the previous run. Then, every ``HEAL_INTERVAL_S``, whatever it has
+    not held for ``HEAL_AGE_S`` goes back too (an ack that could not be written, a message
+    requeued on a dead channel). Only for consumers with their own hash: with the shared one,
+    others' messages are in it.
+    """
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.tref: Any = None
+
+    def _own_hash(self, c: Any) -> str | None:
+        options = c.app.conf.broker_transport_options or {}
+        key = options.get("unacked_key", SHARED_UNACKED_KEY)
+        return None if key == SHARED_UNACKED_KEY else str(key)
+
+    def start(self, c: Any) -> None:
+        key = self._own_hash(c)
+        if key is None:
+            return
+        restored = restore(c.app, keep=_tags_in_hand())
+        if restored:
+            log.warning("restored %d message(s) taken earlier by %s and never acknowledged", restored, key)
+        if self.tref is None:
+            self.tref = c.timer.call_repeatedly(HEAL_INTERVAL_S, self.heal, (c,), priority=10)
+
+    def heal(self, c: Any) -> None:
+        try:
+            restored = restore(c.app, keep=_tags_in_hand(), older_than_s=HEAL_AGE_S)
+        except Exception:  # noqa: BLE001 - the broker may be away; the next round tries again
+            log.warning("could not check %s for stranded messages", self._own_hash(c), exc_info=True)
+            return
+        if restored:
+            log.warning("restored %d stranded message(s) from %s", restored, self._own_hash(c))
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None

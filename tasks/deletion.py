@@ -1,0 +1,160 @@
+"""Delete, as a chain like provisioning: shutdown_guest -> remove_instance.
+
+`workflows.delete` moves the record to DELETING first: from then on every provisioning step
+finds its instance no longer in BUILD and stops (see `Step.after_return`). Then:
+
+1. ``shutdown_guest`` pings the guest through its queue (a short deadline: a dead guest
+   does not hold delete up) and, when it answers, asks it to shut its datastore down; the
+   answer carries the guest's own count of prepare deliveries and applications;
+2. ``remove_instance`` waits for a provisioning chain to stop, stops the guest with its boot
+   driver, removes every key of the instance from the broker (queue and priority lists,
+   bindings, unacked entries, results, secrets, dead letters) and marks it DELETED; the
+   record stays as an audit trail for ``berth_deleted_record_ttl_s``.
+
+Both steps are safe to run again (a taskmanager killed mid-delete, a second delete).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+from berth.ids import deadletter_key, step_task_id
+from tasks import app, queues, waiting
+from tasks.drivers import DRIVERS
+from tasks.errors import InstanceNotDeleting, InstanceNotFound
+from tasks.records import InstanceRecord, Status
+from tasks.runtime import records, redis_client, result_client, setting
+from tasks.taskmanager import (
+    Step,
+    audit_counts,
+    earlier_pong,
+    instance_of,
+    ping_countdown,
+    send_ping,
+    summary,
+    utc_datetime,
+)
+
+log = logging.getLogger("berth.delete")
+DELETE_STEPS = ("shutdown_guest", "remove_instance")
+CHAIN_STOP_POLL_S = 0.2
+
+
+def _deleting(instance_id: str) -> InstanceRecord:
+    record = records().get(instance_id)
+    if record is None:
+        raise InstanceNotFound(f"instance {instance_id} has no record")
+    if record.status is not Status.DELETING:
+        raise InstanceNotDeleting(f"instance {instance_id} is {record.status.value}, not DELETING")
+    return record
+
+
+class DeleteStep(Step):
+    """A delete step: broker hiccups retry; anything else is kept on the record for the operator.
+
+    The instance stays DELETING, and running delete again resumes it.
+    """
+
+    ignore_result = True
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        instance_id = instance_of(args, kwargs)
+        if isinstance(exc, (InstanceNotFound, InstanceNotDeleting)) or not isinstance(instance_id, str):
+            return
+        try:
+            records().update(instance_id, delete_error=f"{self.name}: {type(exc).__name__}: {exc}"[:300])
+        except Exception:  # noqa: BLE001 - the log keeps it when the broker cannot
+            log.exception("instance %s: could not record the failure of %s", instance_id, self.name)
+
+
+@app.task(base=DeleteStep, name="taskmanager.shutdown_guest", bind=True, max_retries=None)
+def shutdown_guest(self: Task, instance_id: str) -> str:
+    """Ping the guest, then ask it to stop its datastore; go on without it if it does not answer."""
+    record = _deleting(instance_id)
+    if record.get("guest_shutdown"):
+        return instance_id  # done by an earlier run of this step
+    if not queues.exists(redis_client(), instance_id):
+        records().update(instance_id, guest_shutdown="no queue")
+        return instance_id
+    request_id = record["delete_request_id"]
+    now = time.time()
+    shutdown_id = step_task_id(instance_id, request_id, "shutdown")
+    sent_at = record.get("shutdown_sent_at")
+    if sent_at is None:
+        if not _guest_answers(self, instance_id, request_id, now):
+            records().update(instance_id, guest_shutdown="no answer to ping")
+            return instance_id
+        queues.publish(app, redis_client(), instance_id, "guest.shutdown", kwargs={"instance_id": instance_id},
+                       task_id=shutdown_id, expires=utc_datetime(now + setting("shutdown_deadline_s")))
+        sent_at = records().set_once(instance_id, "shutdown_sent_at", now)
+        answer = waiting.wait_for_result(result_client(), shutdown_id, setting("verify_reply_wait_s"))
+    else:
+        answer = waiting.peek(result_client(), shutdown_id)
+    if _shutdown_answered(instance_id, answer):
+        return instance_id
+    if time.time() >= sent_at + setting("shutdown_deadline_s"):
+        records().update(instance_id, guest_shutdown="no answer to shutdown")
+        return instance_id
+    raise self.retry(countdown=setting("verify_backoff_cap_s"))
+
+
+def _guest_answers(task: Task, instance_id: str, request_id: str, now: float) -> bool:
+    """Whether the guest answered a ping; retries the task while the delete's ping deadline lasts."""
+    attempt = task.request.retries
+    deadline_at = records().set_once(instance_id, "delete_ping_deadline_at", now + setting("delete_ping_deadline_s"))
+
+    def ping_id(n: int) -> str:
+        return step_task_id(instance_id, request_id, f"dping{n}")
+
+    if earlier_pong(instance_id, ping_id, attempt):
+        return True
+    if now >= deadline_at:
+        return False
+    countdown = ping_countdown(attempt, now, deadline_at)
+    if send_ping(instance_id, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0):
+        return True
+    raise task.retry(countdown=countdown)
+
+
+def _shutdown_answered(instance_id: str, answer: waiting.GuestAnswer | None) -> bool:
+    """Record the guest's answer to shutdown (with its audit counts); False if none yet."""
+    if answer is None:
+        return False
+    outcome = "done" if answer.ok else f"failed: {answer.error()}"[:300]
+    counts = audit_counts(answer.result) if answer.ok else {}
+    records().update(instance_id, guest_shutdown=outcome, guest_shutdown_at=time.time(), **counts)
+    return True
+
+
+@app.task(base=DeleteStep, name="taskmanager.remove_instance", bind=True, max_retries=None)
+def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
+    """Stop the guest, remove every key of the instance but its record, mark it DELETED."""
+    current = records().get(instance_id)
+    if current is not None and current.status is Status.DELETED:
+        return summary(current)
+    record = _deleting(instance_id)
+    now = time.time()
+    started_at = records().set_once(instance_id, "remove_started_at", now)
+    chain_running = record.get("deleted_from") in (Status.NEW.value, Status.BUILD.value) \
+        and not record.get("chain_stopped_at")
+    if chain_running and now < started_at + setting("chain_stop_wait_s"):
+        # The chain's next step is queued or counting down; it stops as soon as it runs.
+        raise self.retry(countdown=CHAIN_STOP_POLL_S)
+    DRIVERS[record["boot"]].destroy(instance_id)
+    dead_letters = int(redis_client().llen(deadletter_key(instance_id)))
+    removed = queues.remove_instance_keys(redis_client(), result_client(), instance_id,
+                                          extra_task_ids=(record["request_id"],))
+    records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
+                         deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters)
+    ttl_s = setting("deleted_record_ttl_s")
+    records().finish_requests(ttl_s, record["request_id"], record["delete_request_id"])
+    records().expire(instance_id, ttl_s)
+    log.info("instance %s: deleted (%d keys removed, guest shutdown: %s)", instance_id, removed,
+             record.get("guest_shutdown"))
+    final = records().get(instance_id)
+    assert final is not None
+    return summary(final)

@@ -1,0 +1,84 @@
+"""The reconciler: a chain whose next message was lost is resumed from its record.
+
+kombu's Redis transport takes a message with BRPOP and only then writes it to the consumer's
+unacked hash; a broker killed between the two loses that message. The drills hit this. So
+the taskmanager does not rely on messages alone: every step notes when it ran
+(`Records.step_ran`), and each node, every third of its lease, looks for instances in BUILD or
+DELETING whose chain has not run a step for ``berth_stall_after_s`` while the taskmanager
+queue is empty (a busy queue may still hold the step). It then resumes the chain at the step
+the record says comes next, with the chain's own task ids. Every step is safe to run twice,
+so resuming a chain that was only slow costs a repeat, never a doubled effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, cast
+
+import redis
+
+from berth.ids import queue_lists
+from tasks.records import INFLIGHT_KEY, InstanceRecord, Records, Status
+
+log = logging.getLogger("berth.reconcile")
+TASKMANAGER_QUEUE = "taskmanager"
+# Claim an instance for resuming only if nobody touched it since we looked (one node wins).
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) return 1
+end
+return 0
+"""
+
+
+def next_step(record: InstanceRecord) -> str | None:
+    """The step of the instance's chain that has not finished yet, from its record."""
+    if record.status is Status.NEW:
+        return "create_queue"  # recorded by `workflows.submit`, its message lost
+    if record.status is Status.BUILD:
+        for step, done in (("boot_guest", "booted_at"), ("ping_guest", "guest_ready_at"),
+                           ("send_prepare", "prepare_sent_at")):
+            if record.get(done) is None:
+                return step
+        return "verify"
+    if record.status is Status.DELETING:
+        return "remove_instance" if record.get("guest_shutdown") else "shutdown_guest"
+    return None
+
+
+def _queue_empty(client: redis.Redis) -> bool:
+    with client.pipeline() as pipe:
+        for name in queue_lists(TASKMANAGER_QUEUE):
+            pipe.llen(name)
+        return not any(pipe.execute())
+
+
+def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
+    """Resume every stalled chain; return the ids of the instances resumed."""
+    from workflows import resume_chain
+
+    now = time.time() if now is None else now
+    stalled = cast(list[tuple[Any, float]],
+                   client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
+    if not stalled or not _queue_empty(client):
+        return []
+    records = Records(client)
+    claim = client.register_script(_CLAIM)
+    resumed = []
+    for raw_id, score in stalled:
+        instance_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        record = records.get(instance_id)
+        step = next_step(record) if record is not None else None
+        if record is None or step is None:
+            client.zrem(INFLIGHT_KEY, instance_id)  # final, or gone: nothing to resume
+            continue
+        if not claim(keys=[INFLIGHT_KEY], args=[instance_id, repr(score), now]):
+            continue  # another node resumed it, or a step ran meanwhile
+        resume_chain(record, step).apply_async()
+        resumed.append(instance_id)
+        log.warning("instance %s: %s chain stalled for %.0f s (%s): resumed at %s", instance_id,
+                    "delete" if record.status is Status.DELETING else "provisioning", now - score,
+                    record.status.value, step)
+    return resumed
