@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +54,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+ADMIN_SECRET_FILE = "admin.secret"
+ACL_FILE = "users.acl"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def admin_password(data_dir: Path) -> str:
+    """The broker's admin password, made on first start and kept in its data dir (mode 0600).
+
+    Only the control plane (taskmanager, command line, Flower) uses it; each guest gets a Redis
+    ACL user of its own (tasks/credentials.py), so the default user is never password-less.
+    """
+    path = data_dir / ADMIN_SECRET_FILE
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(24) + "\n")
+    return path.read_text().strip()
+
+
+def prepare_acl_file(data_dir: Path) -> Path:
+    """The ACL file: users survive a restart (guests' users are saved into it with ACL SAVE)."""
+    path = data_dir / ACL_FILE
+    if not path.exists():
+        digest = hashlib.sha256(admin_password(data_dir).encode()).hexdigest()
+        _write_private(path, f"user default on #{digest} ~* &* +@all\n")
+    return path
+
+
+def admin_url(port: int, data_dir: Path) -> str:
+    return f"redis://:{admin_password(data_dir)}@127.0.0.1:{port}/0"
+
+
 def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
     """Command line for a durable, loopback-only redis-server keeping its files in data_dir."""
     return [
@@ -59,6 +99,7 @@ def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(data_dir),
+        "--aclfile", str(prepare_acl_file(data_dir)),
         # Every write is in the AOF, on disk, before its reply: a killed broker, or a crashed
         # host, loses no acknowledged publish or ack. (With everysec, Redis may hold back the
         # write itself for up to 2 s while an fsync lags, and answer meanwhile.)
@@ -96,7 +137,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The admin URL (it carries the admin password)."""
+        return admin_url(self.port, self.data_dir)
 
     def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +179,8 @@ def serve() -> None:
     port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
     data_dir = broker_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
-    broker_url_file().write_text(f"redis://127.0.0.1:{port}/0\n")
     args = server_args(port, data_dir)
+    _write_private(broker_url_file(), admin_url(port, data_dir) + "\n")
     # Log to stdout under honcho, so its output shows next to the workers'.
     args[args.index("--logfile") + 1] = ""
     os.execv(args[0], args)

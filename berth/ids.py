@@ -63,12 +63,28 @@ def step_task_id(instance_id: str, request_id: str, step: str) -> str:
     return task_id(instance_id, f"{step}.{request_tag(request_id)}")
 
 
+GUEST_TASK_MARK = "guest"
+
+
+def guest_task_prefix(instance_id: str) -> str:
+    """Every task sent to a guest has an id starting with this, and no taskmanager step has.
+
+    A guest's broker user may write the results of these ids only (tasks/credentials.py).
+    """
+    return f"{instance_id}.{GUEST_TASK_MARK}."
+
+
+def guest_task_id(instance_id: str, request_id: str, name: str) -> str:
+    """``<id>.guest.<name>.<request>``: the id of a message to the guest."""
+    return f"{guest_task_prefix(instance_id)}{name}.{request_tag(request_id)}"
+
+
 def ping_task_id(instance_id: str, request_id: str, attempt: int) -> str:
-    return step_task_id(instance_id, request_id, f"ping{attempt}")
+    return guest_task_id(instance_id, request_id, f"ping{attempt}")
 
 
 def prepare_task_id(instance_id: str, request_id: str) -> str:
-    return step_task_id(instance_id, request_id, "prepare")
+    return guest_task_id(instance_id, request_id, "prepare")
 
 
 def result_key(task_id_: str) -> str:

@@ -15,11 +15,14 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.signals import task_postrun
 
 from berth import __version__
+from berth.keys import SealError
 from berth.paths import guest_dir
 from berth.spec import InvalidField, check_config, check_databases, check_users
-from guest import app
+from guest import app, identity
+from guest.authn import expiry_epoch
 from guest.datastores import get_manager
 from guest.errors import InvalidMessage, PrepareError, WrongInstance
 from guest.journal import Journal
@@ -62,7 +65,7 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
     own = own_instance(instance_id)
     prepare_id = str(self.request.id)
     try:
-        checked_users = check_users(users)
+        checked_users = check_users(_unsealed(users))
         check_databases(databases)
         manager = get_manager(datastore, guest_dir(own))
         check_config(datastore, config)
@@ -95,6 +98,35 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
     journal.applied(prepare_id, {"instance_id": own, "prepare_id": prepare_id, "connection": connection})
     log.info("prepare %s applied (delivery %d)", prepare_id, deliveries)
     return _with_counts(journal, prepare_id)
+
+
+def _unsealed(users: Any) -> Any:
+    """Users with the passwords the taskmanager sealed for this guest opened; only it can.
+
+    A plaintext password is refused: the taskmanager never sends one, so it was not the sender.
+    """
+    if not isinstance(users, list):
+        return users
+    key = identity().key
+    opened = []
+    for user in users:
+        if isinstance(user, dict) and "password" in user:
+            try:
+                user = {**user, "password": key.unseal(user["password"])}
+            except SealError:
+                raise InvalidMessage(f"users: the password of {user.get('name')!r} is not sealed for this "
+                                     "guest") from None
+        opened.append(user)
+    return opened
+
+
+@task_postrun.connect
+def spend(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """A message that ran is spent: the same id arriving again is a replay (guest/authn.py)."""
+    if not task_id or task is None:
+        return
+    expires_at = expiry_epoch(getattr(task.request, "expires", None))
+    identity().spent.spend(task_id, expires_at if expires_at is not None else time.time() + 86400)
 
 
 def _with_counts(journal: Journal, prepare_id: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import consumer as celery_consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from guest import deadletters
+from guest import authn, deadletters
 
 log = logging.getLogger("berth.guest")
 
@@ -192,6 +192,11 @@ def triple_problem(payload: object) -> str | None:
     return None
 
 
+def _task_and_id(message: Any) -> tuple[Any, Any]:
+    fields = message_fields(message)
+    return fields["task"], fields["id"]
+
+
 def reason_for(exc: BaseException) -> str:
     return UNDECODABLE if isinstance(exc, (DecodeError, ContentDisallowed, UnicodeError)) else INVALID
 
@@ -238,6 +243,9 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
 
         def on_task_received(message: Any) -> Any:
             try:
+                refusal = self._refusal(message)
+                if refusal is not None:
+                    return self._refuse(message, refusal)
                 problem = self._body_problem(message)
                 if problem is None:
                     return handle(message)
@@ -265,6 +273,33 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
 
     def _passthrough(self) -> tuple[type[BaseException], ...]:
         return (*self.broker_errors, redis.exceptions.ResponseError)
+
+    def _refusal(self, message: Any) -> authn.Refusal | None:
+        """Why this guest does not believe the message (guest/authn.py), or None.
+
+        A message without a task header or with a body that cannot be decoded is left to
+        Celery's handlers below: it is dropped all the same, and nothing of it runs.
+        """
+        headers = message.headers
+        if not isinstance(headers, dict) or "task" not in headers:
+            return None
+        try:
+            payload = message.payload
+        except Exception:  # noqa: BLE001 - Celery reports it: on_decode_error / on_invalid_task
+            return None
+        from guest import identity
+
+        me = identity()
+        return authn.check(headers, payload, instance_id=me.instance_id, key=me.key, spent=me.spent)
+
+    def _refuse(self, message: Any, refusal: authn.Refusal) -> None:
+        if refusal.reason == authn.EXPIRED:
+            # A guest that starts late finds the pings it missed: normal, not worth a dead letter.
+            log.info("refused a message on guest.%s (expired: %s): task %r, id %r; dropped",
+                     self.app.conf.berth_instance_id, refusal.error, *_task_and_id(message))
+            self._reject(message)
+            return
+        self._drop(message, refusal.reason, refusal.error, None)
 
     def _body_problem(self, message: Any) -> str | None:
         """What is wrong with the body of a message for a known task, checked before Celery sees it.

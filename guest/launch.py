@@ -19,7 +19,7 @@ from berth.paths import AGENT_PIDFILE, guest_dir
 def agent_command(instance_id: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "guest", "worker", "--instance-id", instance_id,
             "--pool", "solo", "--concurrency", "1", "--hostname", f"guest-{instance_id}@%h",
-            "--without-gossip", "--without-mingle", "--task-events", "--loglevel", "INFO"]
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
 
 
 def main(argv: list[str] | None = None) -> None:

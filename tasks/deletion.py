@@ -22,8 +22,8 @@ from typing import Any
 
 from celery import Task
 
-from berth.ids import deadletter_key, step_task_id
-from tasks import app, queues, waiting
+from berth.ids import deadletter_key, guest_task_id
+from tasks import app, credentials, queues, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import InstanceNotDeleting, InstanceNotFound
 from tasks.records import InstanceRecord, Status
@@ -82,14 +82,15 @@ def shutdown_guest(self: Task, instance_id: str) -> str:
         return instance_id
     request_id = record["delete_request_id"]
     now = time.time()
-    shutdown_id = step_task_id(instance_id, request_id, "shutdown")
+    shutdown_id = guest_task_id(instance_id, request_id, "shutdown")
     sent_at = record.get("shutdown_sent_at")
     if sent_at is None:
-        if not _guest_answers(self, instance_id, request_id, now):
+        if not _guest_answers(self, record, request_id, now):
             records().update(instance_id, guest_shutdown="no answer to ping")
             return instance_id
         queues.publish(app, redis_client(), instance_id, "guest.shutdown", kwargs={"instance_id": instance_id},
-                       task_id=shutdown_id, expires=utc_datetime(now + setting("shutdown_deadline_s")))
+                       task_id=shutdown_id, expires=utc_datetime(now + setting("shutdown_deadline_s")),
+                       key=credentials.key_of(record))
         sent_at = records().set_once(instance_id, "shutdown_sent_at", now)
         answer = waiting.wait_for_result(result_client(), shutdown_id, setting("verify_reply_wait_s"))
     else:
@@ -102,20 +103,20 @@ def shutdown_guest(self: Task, instance_id: str) -> str:
     raise self.retry(countdown=setting("verify_backoff_cap_s"))
 
 
-def _guest_answers(task: Task, instance_id: str, request_id: str, now: float) -> bool:
+def _guest_answers(task: Task, record: InstanceRecord, request_id: str, now: float) -> bool:
     """Whether the guest answered a ping; retries the task while the delete's ping deadline lasts."""
-    attempt = task.request.retries
+    attempt, instance_id = task.request.retries, record.instance_id
     deadline_at = records().set_once(instance_id, "delete_ping_deadline_at", now + setting("delete_ping_deadline_s"))
 
     def ping_id(n: int) -> str:
-        return step_task_id(instance_id, request_id, f"dping{n}")
+        return guest_task_id(instance_id, request_id, f"dping{n}")
 
     if earlier_pong(instance_id, ping_id, attempt):
         return True
     if now >= deadline_at:
         return False
     countdown = ping_countdown(attempt, now, deadline_at)
-    if send_ping(instance_id, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0):
+    if send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0):
         return True
     raise task.retry(countdown=countdown)
 
@@ -148,8 +149,11 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
     dead_letters = int(redis_client().llen(deadletter_key(instance_id)))
     removed = queues.remove_instance_keys(redis_client(), result_client(), instance_id,
                                           extra_task_ids=(record["request_id"],))
+    # The guest's broker user goes last: its credentials open nothing from now on.
+    revoked = credentials.revoke(instance_id, redis_client(), result_client())
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
-                         deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters)
+                         deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,
+                         guest_user_revoked=int(revoked))
     ttl_s = setting("deleted_record_ttl_s")
     records().finish_requests(ttl_s, record["request_id"], record["delete_request_id"])
     records().expire(instance_id, ttl_s)

@@ -4,6 +4,9 @@
 boot a VM with the agent inside (an optional boot delay plays a slow VM); it stops the
 guest's whole process group, datastore included. ``none`` expects someone else to start
 ``celery -A guest worker --instance-id ID``.
+
+A guest gets its own broker user and its key in its environment (as Trove injects guest_info
+at boot), and none of the control plane's: not the admin broker URL, not the master key.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, gues
 
 BOOTED_BY = "booted_by"
 REQUEST = "request_id"
+# The control plane's secrets and settings: never in a guest's environment.
+CONTROL_PLANE_ONLY = frozenset({"BERTH_MASTER_KEY", "FLOWER_BASIC_AUTH", "BERTH_FAILPOINTS", "BERTH_FAILPOINT_DIR",
+                                "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"})
 # Popen handles of guests this process started, so that their exit status is reaped.
 _children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -164,15 +170,18 @@ class LocalDriver:
             shutil.rmtree(home)
         home.mkdir(parents=True)
         (home / REQUEST).write_text(request_id)
-        proc = self._spawn(instance_id, home, delay_s)
+        proc = self._spawn(instance_id, home, delay_s, request_id)
         (home / BOOTED_BY).write_text(booted_by)
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
 
-    def _spawn(self, instance_id: str, home: Path, delay_s: float) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "BERTH_HOME": str(self.home or berth_home()),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
-        # Drill settings of the taskmanager (crash points) are not the guest's.
-        env.pop("BERTH_FAILPOINTS", None)
+    def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
+        from tasks import app
+        from tasks.credentials import guest_env
+
+        env = {k: v for k, v in os.environ.items() if k not in CONTROL_PLANE_ONLY}
+        env.update(BERTH_HOME=str(self.home or berth_home()),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
+                   **guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend))
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "guest.launch", "--instance-id", instance_id,
@@ -217,7 +226,10 @@ class LocalDriver:
         home = self.guest_dir(instance_id)
         if self.pid(instance_id) is not None:
             raise BootError(f"the guest of {instance_id} still runs")
-        proc = self._spawn(instance_id, home, 0.0)
+        request_id = _read(home / REQUEST)
+        if not request_id:
+            raise BootError(f"the disk of {instance_id} names no provisioning request: boot it instead")
+        proc = self._spawn(instance_id, home, 0.0, request_id)
         return proc.pid
 
     def stop_all(self, booted_by: str | None = None, timeout_s: float | None = None) -> list[str]:

@@ -1,18 +1,28 @@
-"""Passwords never shown: the displayed form of every task message is masked at its creation.
+"""Passwords never shown, never plain; messages to guests signed: all at a message's creation.
 
 Celery shows a message's ``argsrepr``/``kwargsrepr`` in events (``task-sent``, ``task-received``),
 Flower and logs. They are computed when the message is built, before any publish signal, so
 masking happens here, in the app's AMQP class: every process that loads the taskmanager app
 (the taskmanager, `celery -A tasks call`, `python -m workflows`, Flower's send-task API)
 publishes masked representations.
+
+In the same place, every password a message carries is sealed (`berth.keys.seal_at_rest`, or
+for a guest by the taskmanager with that guest's key), so that no queue, no AOF and no
+unacknowledged-message hash holds one in plaintext; and a message to a guest published inside
+`signing_for` gets its signature header (see `berth.keys.GuestKey.sign` and guest/authn.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
+
+from berth.keys import SIGNATURE_HEADER, GuestKey, is_sealed, seal_at_rest
 
 MASK = "********"
 SECRET_KEYS = frozenset({"password", "users"})
@@ -45,10 +55,41 @@ def holds_secret(value: Any) -> bool:
     return False
 
 
+def sealed(value: Any) -> Any:
+    """A copy of value with every plaintext password sealed with the at-rest key."""
+    if isinstance(value, dict):
+        return {k: seal_at_rest(v) if k == "password" and isinstance(v, str) and not is_sealed(v)
+                else sealed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(sealed(v) for v in value)
+    return value
+
+
+_signing: contextvars.ContextVar[tuple[str, GuestKey] | None] = contextvars.ContextVar("berth_signing", default=None)
+
+
+@contextlib.contextmanager
+def signing_for(instance_id: str, key: GuestKey) -> Iterator[None]:
+    """Messages created inside this block are signed for the guest of instance_id."""
+    token = _signing.set((instance_id, key))
+    try:
+        yield
+    finally:
+        _signing.reset(token)
+
+
 class MaskingAMQP(AMQP):
     def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
                    *rest: Any, **options: Any) -> Any:
         if holds_secret(args) or holds_secret(kwargs):
             options["argsrepr"] = saferepr(masked(list(args or ())), maxlen=REPR_MAX)
             options["kwargsrepr"] = saferepr(masked(dict(kwargs or {})), maxlen=REPR_MAX)
-        return super().as_task_v2(task_id, name, args, kwargs, *rest, **options)
+            args, kwargs = sealed(args), sealed(kwargs)
+        message = super().as_task_v2(task_id, name, args, kwargs, *rest, **options)
+        signing = _signing.get()
+        if signing is not None:
+            instance_id, key = signing
+            headers = message.headers
+            headers[SIGNATURE_HEADER] = key.sign(task=name, task_id=task_id, instance_id=instance_id,
+                                                 expires=headers.get("expires"), body=list(message.body))
+        return message

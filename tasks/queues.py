@@ -21,12 +21,15 @@ from berth.ids import (
     binding_member,
     deadletter_key,
     guest_queue,
+    guest_task_prefix,
     queue_lists,
     result_key,
     secrets_key,
     unacked_keys,
 )
+from berth.keys import GuestKey
 from tasks.errors import QueueMissing
+from tasks.masking import signing_for
 
 
 def queue_for(instance_id: str, *, no_declare: bool = False) -> Queue:
@@ -98,11 +101,21 @@ def publish(
     kwargs: dict[str, Any],
     task_id: str,
     expires: dt.datetime,
+    key: GuestKey,
     kwargsrepr: str | None = None,
 ) -> AsyncResult:
-    """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry."""
+    """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry,
+    signed with the guest's key (the guest refuses anything else)."""
     if not exists(client, instance_id):
         raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
+    if not task_id.startswith(guest_task_prefix(instance_id)):
+        raise ValueError(f"task id {task_id!r} does not start with {guest_task_prefix(instance_id)!r}")
+    with signing_for(instance_id, key):
+        return _send(app, task_name, kwargs, task_id, instance_id, expires, kwargsrepr)
+
+
+def _send(app: Celery, task_name: str, kwargs: dict[str, Any], task_id: str, instance_id: str,
+          expires: dt.datetime, kwargsrepr: str | None) -> AsyncResult:
     return app.send_task(
         task_name,
         kwargs=kwargs,

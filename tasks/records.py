@@ -50,7 +50,7 @@ INFLIGHT_KEY = "berth:inflight"
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
 INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",
-                        "prepare_rolled_back", "dead_letters", "keys_removed"})
+                        "prepare_rolled_back", "dead_letters", "keys_removed", "guest_user_revoked"})
 
 # KEYS[1] record; ARGV: new status, number of allowed old statuses, those statuses, then
 # field/value pairs. Returns {1, old} when applied, {0, old or false} when refused.

@@ -1,7 +1,8 @@
 """Where prepare's passwords wait between the request and the prepare message.
 
 They are kept out of chain arguments and results, which Flower and the result backend
-show; the key expires by itself and is dropped as soon as the instance is ACTIVE or FAILED.
+show, and sealed with the control plane's at-rest key (`berth.keys`): the key holds no
+plaintext. It expires by itself and is dropped as soon as the instance is ACTIVE or FAILED.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import redis
 
 from berth.ids import secrets_key
+from berth.keys import seal_at_rest, unseal_at_rest
 from berth.spec import User
 
 
@@ -17,13 +19,13 @@ def store(client: redis.Redis, instance_id: str, users: tuple[User, ...], ttl_s:
     with client.pipeline() as pipe:
         pipe.delete(key)
         if users:
-            pipe.hset(key, mapping={u.name: u.password for u in users})
+            pipe.hset(key, mapping={u.name: seal_at_rest(u.password) for u in users})
             pipe.expire(key, max(1, int(ttl_s)))
         pipe.execute()
 
 
 def load(client: redis.Redis, instance_id: str) -> dict[str, str]:
-    return {str(k): str(v) for k, v in client.hgetall(secrets_key(instance_id)).items()}
+    return {str(k): unseal_at_rest(v) for k, v in client.hgetall(secrets_key(instance_id)).items()}
 
 
 def drop(client: redis.Redis, instance_id: str) -> None:

@@ -23,9 +23,10 @@ from kombu.exceptions import OperationalError
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.failpoints import failpoint
 from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
+from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
-from tasks import app, queues, secrets, waiting
+from tasks import app, credentials, queues, secrets, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import (
     BootFailed,
@@ -56,12 +57,33 @@ def validated(instance_id: object, **fields: Any) -> ProvisionRequest:
     unknown = sorted(set(fields) - REQUEST_FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown field (accepted: {', '.join(sorted(REQUEST_FIELDS))})")
+    if "users" in fields:
+        fields["users"] = unsealed_users(fields["users"])
     fields.setdefault("ping_deadline_s", setting("ping_deadline_s"))
     fields.setdefault("prepare_deadline_s", setting("prepare_deadline_s"))
     try:
         return validate_request(instance_id, limits=limits(), **fields)
     except InvalidField as exc:
         raise from_invalid_field(exc) from exc
+
+
+def unsealed_users(users: Any) -> Any:
+    """Users with their passwords opened: a provisioning message carries them sealed at rest.
+
+    Anything not shaped like users is left for validation to name.
+    """
+    if not isinstance(users, (list, tuple)):
+        return users
+    opened = []
+    for user in users:
+        if isinstance(user, dict) and is_sealed(user.get("password")):
+            try:
+                user = {**user, "password": unseal_at_rest(user["password"])}
+            except SealError:
+                raise InvalidRequest("users", f"the password of {user.get('name')!r} was sealed with another "
+                                              "master key (BERTH_MASTER_KEY differs between hosts?)") from None
+        opened.append(user)
+    return opened
 
 
 def register(request: ProvisionRequest, request_id: str) -> bool:
@@ -197,8 +219,11 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     ``request_id`` names the provisioning request: the same request arriving again (a
     redelivery) goes on; another request for an id in use is refused with InstanceExists.
     """
-    register(validated(instance_id, **fields), request_id or self.request.root_id or self.request.id)
+    request_id = request_id or self.request.root_id or self.request.id
+    register(validated(instance_id, **fields), request_id)
     queues.declare(app, instance_id)
+    # The guest's own broker user, before anything can boot it: it may touch its own keys only.
+    credentials.mint(instance_id, request_id, redis_client(), result_client())
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
                          queue_created_at=time.time())
     _building(instance_id)
@@ -240,14 +265,16 @@ def earlier_pong(instance_id: str, ping_id: Callable[[int], str], attempt: int) 
     return None
 
 
-def send_ping(instance_id: str, ping_id: str, *, now: float, countdown: float, wait: bool) -> dict[str, Any] | None:
+def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: float,
+              wait: bool) -> dict[str, Any] | None:
     """Ping the guest through its queue; with ``wait``, return its pong if it comes at once.
 
     A ping lives until the check after next, then expires unread: a guest that comes up
     late answers a fresh ping instead of working through a backlog of stale ones.
     """
+    instance_id = record.instance_id
     queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                   task_id=ping_id, expires=utc_datetime(now + 2 * countdown + 1.0))
+                   task_id=ping_id, expires=utc_datetime(now + 2 * countdown + 1.0), key=credentials.key_of(record))
     if not wait:
         return None
     # Optimistic fast path: a live guest answers in milliseconds.
@@ -285,7 +312,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
         _fail(instance_id, Reason.GUEST_UNREACHABLE, "ping_guest",
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
     countdown = ping_countdown(attempt, now, deadline_at)
-    pong = send_ping(instance_id, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0)
+    pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0)
     records().update(instance_id, ping_attempts=attempt + 1)
     if pong:
         return _guest_ready(instance_id, pong, 1)
@@ -306,10 +333,12 @@ def send_prepare(self: Task, instance_id: str) -> str:
     if record.get("prepare_sent_at") is None:
         # Not published yet, or published by a run that died before recording it: a second
         # copy then reaches the guest, whose journal applies it once.
+        # The passwords travel sealed with this guest's key: only it can read them.
+        key = credentials.key_of(record)
         kwargs = {"instance_id": instance_id, "datastore": record["datastore"],
-                  "users": [{"name": n, "password": passwords[n]} for n in record["users"]],
+                  "users": [{"name": n, "password": key.seal(passwords[n])} for n in record["users"]],
                   "databases": record["databases"], "config": record["config"]}
-        queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs,
+        queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs, key=key,
                        task_id=prepare_task_id(instance_id, record["request_id"]), expires=utc_datetime(deadline_at))
         records().incr(instance_id, "prepare_sent")
         records().set_once(instance_id, "prepare_sent_at", now)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Proc, celery, guest_command, unique_id, wait_until
+from tests.helpers import Proc, celery, guest_command, guest_env, unique_id, wait_until
 
 _session: dict[str, Any] = {}
 
@@ -83,7 +83,8 @@ def start_guest(session_root: Path) -> Iterator[Callable[[str], Proc]]:
     procs: list[Proc] = []
 
     def start(instance_id: str) -> Proc:
-        proc = Proc(guest_command(instance_id), session_root / "logs" / f"guest-{instance_id}.log")
+        proc = Proc(guest_command(instance_id), session_root / "logs" / f"guest-{instance_id}.log",
+                    env=guest_env(instance_id))
         procs.append(proc)
         return proc
 

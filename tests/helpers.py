@@ -103,6 +103,45 @@ def guest_command(instance_id: str) -> list[str]:
     return agent_command(instance_id)
 
 
+def guest_identity(instance_id: str) -> tuple[dict[str, str], Any]:
+    """The settings and key of the guest of instance_id, on the session's broker.
+
+    From its record when it was provisioned; otherwise (a test that only declares a queue) its
+    broker user is minted for a test request, as create_queue would.
+    """
+    from berth.keys import guest_key
+    from tasks import app, credentials
+    from tasks.runtime import records, redis_client, result_client
+
+    record = records().get(instance_id)
+    request_id = record["request_id"] if record is not None else f"test-{instance_id}"
+    if record is None:
+        credentials.mint(instance_id, request_id, redis_client(), result_client())
+    env = credentials.guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend)
+    return env, guest_key(instance_id, request_id)
+
+
+def guest_env(instance_id: str) -> dict[str, str]:
+    """The environment a guest started by hand gets: the project's, with its own user and key."""
+    return project_env(**guest_identity(instance_id)[0])
+
+
+def send_to_guest(instance_id: str, task: str, name: str, kwargs: dict[str, Any] | None = None,
+                  expires_s: float = 30.0, expires: Any = None) -> Any:
+    """Publish task to the guest's queue as the taskmanager does: signed, id ``<id>.guest.<name>``."""
+    import datetime as dt
+
+    from berth.ids import guest_task_prefix
+    from tasks import app, queues
+    from tasks.runtime import redis_client
+
+    when = expires or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)
+    return queues.publish(app, redis_client(), instance_id, task,
+                          kwargs={"instance_id": instance_id} if kwargs is None else kwargs,
+                          task_id=f"{guest_task_prefix(instance_id)}{name}", expires=when,
+                          key=guest_identity(instance_id)[1])
+
+
 def wait_for_status(records: Any, instance_id: str, statuses: Any = ("ACTIVE", "FAILED"),
                     timeout_s: float = 60.0) -> Any:
     """The instance record once its status is one of statuses."""

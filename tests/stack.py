@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,12 @@ class Stack:
 
     def cli(self, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
         return workflows_cli(*args, env=self.env, timeout_s=timeout_s)
+
+    def guest_env(self, instance_id: str) -> dict[str, str]:
+        """The stack's environment with the guest's own user and key (`python -m workflows guest-env`)."""
+        out = self.cli("guest-env", instance_id, "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {**self.env, **json.loads(out.stdout)}
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.broker.url, decode_responses=True)

@@ -24,10 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from berth.ids import binding_keys, deadletter_key, guest_queue, queue_lists, result_key, unacked_keys
+from berth.keys import SIGNATURE_HEADER
 from guest import deadletters
 from tasks import app, queues
 from tasks.runtime import redis_client, result_client
-from tests.helpers import Proc, unique_id, wait_until
+from tests.helpers import Proc, guest_identity, send_to_guest, unique_id, wait_until
 
 Envelope = dict[str, Any]
 ENTRY_FIELDS = {"reason", "error", "task", "id", "content_type", "size", "received_at"}
@@ -43,8 +44,7 @@ def genuine() -> Iterator[Envelope]:
     client = redis_client()
     instance_id = unique_id("tpl")
     queues.declare(app, instance_id)
-    queues.publish(app, client, instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                   task_id=f"{instance_id}.ping0.tpl", expires=later())
+    send_to_guest(instance_id, "guest.ping", "ping0.tpl")
     items = client.lrange(guest_queue(instance_id), 0, -1)
     assert len(items) == 1
     yield json.loads(items[0])
@@ -56,11 +56,22 @@ def envelope(genuine: Envelope, instance_id: str, body: bytes, *, task: object =
              drop: tuple[str, ...] = ()) -> Envelope:
     """A copy of the genuine envelope with another body, task, id and content type.
 
-    Each gets its own delivery tag, as kombu gives every message; ``drop`` removes headers.
+    Each gets its own delivery tag, as kombu gives every message; ``drop`` removes headers. It is
+    signed for the guest as the taskmanager would sign it, where there is something to sign (a
+    JSON body and a task name): what is wrong with it is then its content, not its origin.
     """
     message = copy.deepcopy(genuine)
     headers = message["headers"]
-    headers.update(task=task, id=task_id, root_id=task_id, expires=None, argsrepr="()", kwargsrepr="{}")
+    headers.update(task=task, id=task_id, root_id=task_id, expires=later().isoformat(), argsrepr="()",
+                   kwargsrepr="{}")
+    headers.pop(SIGNATURE_HEADER, None)
+    try:
+        payload = json.loads(body)
+        if content_type == "application/json" and isinstance(task, str) and isinstance(task_id, str):
+            headers[SIGNATURE_HEADER] = guest_identity(instance_id)[1].sign(
+                task=task, task_id=task_id, instance_id=instance_id, expires=headers["expires"], body=payload)
+    except ValueError:
+        pass  # nothing a taskmanager would sign: not JSON, or no JSON value (Infinity)
     for name in drop:
         headers.pop(name, None)
     message["body"] = base64.b64encode(body).decode()
@@ -79,9 +90,8 @@ def celery_body(*, args: Any = (), kwargs: Any = None, embed: Any = None) -> byt
     return json.dumps([list(args), kwargs or {}, embed]).encode()
 
 
-def ping(instance_id: str, task_id: str) -> Any:
-    return queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                          task_id=task_id, expires=later())
+def ping(instance_id: str, name: str) -> Any:
+    return send_to_guest(instance_id, "guest.ping", name)
 
 
 def nothing_held(client: redis.Redis, instance_id: str) -> bool:
@@ -113,36 +123,36 @@ def test_each_kind_of_bad_message_is_dead_lettered_with_its_reason_and_the_guest
         "not_triple": json.dumps({"instance_id": instance_id, "password": secret}).encode(),
     }
     messages = {
-        "pickle": envelope(genuine, instance_id, bodies["pickle"], task_id=f"{instance_id}.pickle",
+        "pickle": envelope(genuine, instance_id, bodies["pickle"], task_id=f"{instance_id}.guest.pickle",
                            content_type="application/x-python-serialize"),
         "unknown": envelope(genuine, instance_id, bodies["unknown"], task="guest.nope",
-                            task_id=f"{instance_id}.unknown"),
-        "no_task": envelope(genuine, instance_id, bodies["no_task"], task_id=f"{instance_id}.no_task",
+                            task_id=f"{instance_id}.guest.unknown"),
+        "no_task": envelope(genuine, instance_id, bodies["no_task"], task_id=f"{instance_id}.guest.no_task",
                             drop=("task",)),
-        "not_triple": envelope(genuine, instance_id, bodies["not_triple"], task_id=f"{instance_id}.not_triple"),
+        "not_triple": envelope(genuine, instance_id, bodies["not_triple"], task_id=f"{instance_id}.guest.not_triple"),
     }
     push(client, instance_id, not_json)
     for message in messages.values():
         push(client, instance_id, message)
 
-    answer = ping(instance_id, f"{instance_id}.after").get(timeout=20)
+    answer = ping(instance_id, "after").get(timeout=20)
     assert answer["instance_id"] == instance_id, "the guest still serves after five bad messages"
 
     entries = deadletters.read(client, instance_id)
     assert len(entries) == 5, entries
     by_id = {entry["id"]: entry for entry in entries}
-    expected = {None: "undecodable", f"{instance_id}.pickle": "undecodable",
-                f"{instance_id}.unknown": "unknown_task", f"{instance_id}.no_task": "no_task_header",
-                f"{instance_id}.not_triple": "invalid"}
+    expected = {None: "undecodable", f"{instance_id}.guest.pickle": "undecodable",
+                f"{instance_id}.guest.unknown": "unknown_task", f"{instance_id}.guest.no_task": "no_task_header",
+                f"{instance_id}.guest.not_triple": "invalid"}
     assert {key: entry["reason"] for key, entry in by_id.items()} == expected
     assert by_id[None]["size"] == len(not_json) and by_id[None]["task"] is None
     for name, message in messages.items():
         entry = by_id[message["headers"]["id"]]
         assert entry["size"] == len(bodies[name]), name
         assert entry["content_type"] == message["content-type"], name
-    assert by_id[f"{instance_id}.unknown"]["task"] == "guest.nope"
-    assert by_id[f"{instance_id}.not_triple"]["task"] == "guest.ping"
-    assert by_id[f"{instance_id}.no_task"]["task"] is None
+    assert by_id[f"{instance_id}.guest.unknown"]["task"] == "guest.nope"
+    assert by_id[f"{instance_id}.guest.not_triple"]["task"] == "guest.ping"
+    assert by_id[f"{instance_id}.guest.no_task"]["task"] is None
     for entry in entries:
         assert set(entry) == ENTRY_FIELDS and entry["error"] and isinstance(entry["received_at"], float)
         stored = json.dumps(entry)
@@ -165,9 +175,9 @@ def test_a_dead_letter_that_cannot_be_written_is_logged_and_the_message_dropped_
     guest = running_guest(instance_id, start_guest)
     push(client, instance_id, b"garbage")
     push(client, instance_id, envelope(genuine, instance_id, celery_body(), task="guest.nope",
-                                       task_id=f"{instance_id}.unknown"))
+                                       task_id=f"{instance_id}.guest.unknown"))
 
-    assert ping(instance_id, f"{instance_id}.after").get(timeout=20)["instance_id"] == instance_id
+    assert ping(instance_id, "after").get(timeout=20)["instance_id"] == instance_id
     wait_until(lambda: nothing_held(client, instance_id), 10, message="queue and unacked keys empty")
     assert guest.log().count(f"could not write the dead-letter entry for guest.{instance_id}") == 2
     assert client.type(deadletter_key(instance_id)) == "string", "left as it was"
@@ -217,7 +227,7 @@ def random_items(genuine: Envelope, instance_id: str) -> st.SearchStrategy[tuple
     )
 
     def build(body: bytes, task: object, content_type: str | None, with_id: bool) -> tuple[Envelope, str | None]:
-        task_id = f"{instance_id}.h{next(_serial)}" if with_id else None
+        task_id = f"{instance_id}.guest.h{next(_serial)}" if with_id else None
         drop = tuple(name for name, gone in (("id", not with_id), ("task", task == "-")) if gone)
         return envelope(genuine, instance_id, body, task=task, task_id=task_id, content_type=content_type,
                         drop=drop), task_id
@@ -246,7 +256,7 @@ def test_random_input_is_answered_or_dead_lettered_and_never_held(
         for item, _ in items:
             push(client, instance_id, item)
         # The guest serves guest.ID in order: once this is answered, every item above was handled.
-        answer = ping(instance_id, f"{instance_id}.after{next(_serial)}").get(timeout=20)
+        answer = ping(instance_id, f"after{next(_serial)}").get(timeout=20)
         assert answer["instance_id"] == instance_id
 
         added = deadletters.read(client, instance_id, limit=deadletters.MAX_ENTRIES)
@@ -263,4 +273,4 @@ def test_random_input_is_answered_or_dead_lettered_and_never_held(
 
     each_item_is_answered_or_dead_lettered()
     assert guest.alive()
-    assert ping(instance_id, f"{instance_id}.last").get(timeout=20)["instance_id"] == instance_id
+    assert ping(instance_id, "last").get(timeout=20)["instance_id"] == instance_id

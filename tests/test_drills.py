@@ -56,7 +56,9 @@ def provision(stack: Stack, instance_id: str, *args: str) -> None:
 
 
 def start_guest(stack: Stack, instance_id: str) -> Proc:
-    return Proc(guest_command(instance_id), stack.root / "logs" / f"guest-{instance_id}.log", env=stack.env)
+    """The guest of a provisioned instance, started by hand with its own user and key."""
+    return Proc(guest_command(instance_id), stack.root / "logs" / f"guest-{instance_id}.log",
+                env=stack.guest_env(instance_id))
 
 
 def kill(proc: Proc) -> None:
@@ -161,8 +163,8 @@ def test_broker_killed_mid_batch_and_restarted_from_its_aof_loses_nothing(stack:
 def test_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once(stack: Stack, iteration: int) -> None:
     instance_id = unique_id("gkill")
     stack.start_taskmanager()
-    guest = start_guest(stack, instance_id)
     provision(stack, instance_id, "--boot", "none", "--prepare-deadline", "60", "--config", "prepare_seconds=2")
+    guest = start_guest(stack, instance_id)
     wait_until(lambda: counts(stack, instance_id, "deliveries") == [1], 60, message="prepare under way")
     kill(guest)
     assert not counts(stack, instance_id, "applied")
@@ -178,12 +180,18 @@ def test_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once(s
 @pytest.mark.parametrize("iteration", range(ITERATIONS))
 def test_guest_frozen_before_the_ping_fails_the_instance_and_runs_nothing_stale(stack: Stack, iteration: int) -> None:
     instance_id = unique_id("gstop")
-    stack.start_taskmanager()
+    # The guest's key exists once the request does: hold the chain after create_queue, start the
+    # guest and freeze it while it waits for its first message, then let a new taskmanager go on.
+    marker_dir = stack.root / "failpoints"
+    held = stack.start_taskmanager(BERTH_FAILPOINTS="create_queue.done", BERTH_FAILPOINT_DIR=str(marker_dir))
+    provision(stack, instance_id, "--boot", "none", "--ping-deadline", "2")
+    wait_until(lambda: (marker_dir / "create_queue.done").exists(), 60, message="chain held after create_queue")
     guest = start_guest(stack, instance_id)
     try:
         wait_until(lambda: " ready." in guest.log(), 60, message="guest ready")
         guest.signal(signal.SIGSTOP)
-        provision(stack, instance_id, "--boot", "none", "--ping-deadline", "2")
+        kill(held)
+        stack.start_taskmanager()
         failed = wait_status(stack, instance_id, "FAILED", "ACTIVE", timeout_s=30)
         assert failed.reason == "GUEST_UNREACHABLE", failed.fields
         guest.signal(signal.SIGCONT)
@@ -202,9 +210,9 @@ def test_guest_frozen_before_the_ping_fails_the_instance_and_runs_nothing_stale(
 def test_guest_frozen_mid_prepare_past_its_deadline_rolls_it_back_when_thawed(stack: Stack, iteration: int) -> None:
     instance_id = unique_id("gfreeze")
     stack.start_taskmanager()
+    provision(stack, instance_id, "--boot", "none", "--prepare-deadline", "3", "--config", "prepare_seconds=1")
     guest = start_guest(stack, instance_id)
     try:
-        provision(stack, instance_id, "--boot", "none", "--prepare-deadline", "3", "--config", "prepare_seconds=1")
         wait_until(lambda: counts(stack, instance_id, "deliveries") == [1], 60, message="prepare under way")
         guest.signal(signal.SIGSTOP)
         failed = wait_status(stack, instance_id, "FAILED", "ACTIVE", timeout_s=30)

@@ -18,7 +18,7 @@ from berth.broker import free_port
 from berth.paths import PROJECT_DIR
 from tasks.drivers import group_alive
 from tasks.records import Records
-from tests.helpers import project_env, wait_until
+from tests.helpers import project_env, send_to_guest, wait_until
 from tests.stack import Stack
 from workflows import provision_chain
 
@@ -53,9 +53,7 @@ def test_a_broker_that_is_down_gives_a_clear_error_and_creates_nothing(tmp_path:
 
 @pytest.mark.usefixtures("taskmanager")
 def test_get_status_reports_whether_the_datastore_answers(new_id: Callable[[str], str], records: Records) -> None:
-    from tasks import app, queues
     from tasks.drivers import LocalDriver
-    from tasks.runtime import redis_client
 
     instance_id = new_id("stat")
     provision_chain(instance_id, datastore="redis").apply_async().get(timeout=60)
@@ -63,9 +61,8 @@ def test_get_status_reports_whether_the_datastore_answers(new_id: Callable[[str]
 
     def status() -> Any:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
-        return queues.publish(app, redis_client(), instance_id, "guest.get_status",
-                              task_id=f"{instance_id}.status.{next(calls)}", kwargs={"instance_id": instance_id},
-                              expires=expires).get(timeout=20)
+        return send_to_guest(instance_id, "guest.get_status", f"status.{next(calls)}",
+                             expires=expires).get(timeout=20)
 
     reply = status()
     assert reply["prepared"] is True

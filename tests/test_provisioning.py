@@ -15,7 +15,7 @@ from berth import __version__
 from berth.paths import PROJECT_DIR, guest_dir
 from tasks.errors import GuestUnreachable, InstanceExists, InvalidInstanceId, PrepareFailed, PrepareTimeout
 from tasks.records import Reason, Records, Status
-from tests.helpers import celery, project_env, wait_for_status, wait_until
+from tests.helpers import celery, project_env, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
@@ -196,14 +196,11 @@ def test_a_late_guest_of_a_failed_instance_runs_nothing(new_id: Callable[[str], 
     guest = start_guest(instance_id)
     wait_until(lambda: " ready." in guest.log(), 30, message="late guest ready")
     # Prove the guest is consuming: a fresh message gets an answer ...
-    from tasks import app, queues
-
-    probe = queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                           task_id=f"{instance_id}.probe", expires=_soon())
+    probe = send_to_guest(instance_id, "guest.ping", "probe")
     assert probe.get(timeout=20)["instance_id"] == instance_id
     # ... and yet nothing of the failed build ran on it.
     assert "guest.prepare" not in guest.log().split(" ready.", 1)[1]
-    assert f"{instance_id}.ping" not in guest.log()
+    assert f"{instance_id}.guest.ping" not in guest.log()
     assert not (guest_dir(instance_id) / "prepare.json").exists()
     record = records.get(instance_id)
     assert record is not None and record.status is Status.FAILED

@@ -9,19 +9,19 @@ from typing import Any
 import pytest
 
 from berth.ids import binding_keys, queue_lists
+from guest import deadletters
 from tasks import app, queues
 from tasks.errors import QueueMissing
 from tasks.runtime import redis_client
-from tests.helpers import wait_until
+from tests.helpers import send_to_guest, wait_until
 
 
 def later(seconds: float = 60) -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
 
 
-def ping(instance_id: str, task_id: str, target: str | None = None) -> Any:
-    return queues.publish(app, redis_client(), instance_id, "guest.ping",
-                          kwargs={"instance_id": target or instance_id}, task_id=task_id, expires=later())
+def ping(instance_id: str, name: str, target: str | None = None) -> Any:
+    return send_to_guest(instance_id, "guest.ping", name, kwargs={"instance_id": target or instance_id})
 
 
 def test_create_queue_writes_the_binding_and_is_idempotent(new_id: Callable[[str], str]) -> None:
@@ -38,7 +38,7 @@ def test_a_message_sent_before_its_guest_exists_is_consumed_once_the_guest_start
         new_id: Callable[[str], str], start_guest: Callable[[str], Any]) -> None:
     instance_id = new_id("early")
     queues.declare(app, instance_id)
-    result = ping(instance_id, f"{instance_id}.early")
+    result = ping(instance_id, "early")
     assert redis_client().llen(f"guest.{instance_id}") == 1, "the message waits in the pre-created queue"
     start_guest(instance_id)
     assert result.get(timeout=30)["instance_id"] == instance_id
@@ -49,7 +49,7 @@ def test_publishing_to_a_queue_that_was_never_created_is_refused_and_creates_not
         new_id: Callable[[str], str]) -> None:
     instance_id = new_id("nq")
     with pytest.raises(QueueMissing, match="create_queue first"):
-        ping(instance_id, f"{instance_id}.x")
+        ping(instance_id, "x")
     assert not list(redis_client().scan_iter(match=f"*{instance_id}*"))
 
 
@@ -58,8 +58,8 @@ def test_a_guest_consumes_only_its_own_queue(new_id: Callable[[str], str], start
     for instance_id in (mine, other):
         queues.declare(app, instance_id)
     start_guest(mine)
-    foreign = ping(other, f"{other}.p")
-    own = ping(mine, f"{mine}.p")
+    foreign = ping(other, "p")
+    own = ping(mine, "p")
     assert own.get(timeout=30)["instance_id"] == mine
     # The guest has served a message published after the foreign one; the foreign one is untouched.
     assert redis_client().llen(f"guest.{other}") == 1
@@ -79,10 +79,12 @@ def test_a_guest_refuses_a_message_for_another_instance_and_keeps_serving(
     mine, other = new_id("own"), new_id("else")
     queues.declare(app, mine)
     start_guest(mine)
-    retargeted = ping(mine, f"{mine}.wrong", target=other)
-    with pytest.raises(Exception, match="WrongInstance|reached guest"):
-        retargeted.get(timeout=30)
-    assert ping(mine, f"{mine}.right").get(timeout=30)["instance_id"] == mine
+    retargeted = ping(mine, "wrong", target=other)
+    assert ping(mine, "right").get(timeout=30)["instance_id"] == mine
+    # Served in order: the retargeted one came first, and was refused without an answer.
+    refused = deadletters.read(redis_client(), mine)
+    assert [(e["id"], e["reason"]) for e in refused] == [(retargeted.id, "retargeted")]
+    assert retargeted.state == "PENDING"
 
 
 def test_purge_empties_every_priority_list_but_keeps_the_queue(new_id: Callable[[str], str]) -> None:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m workflows provision|show|list|delete|ping|dead-letters``.
+"""The command line: ``python -m workflows provision|show|list|delete|ping|dead-letters|guest-env``.
 
 Exit codes: 0 done (ACTIVE with --wait), 1 the instance FAILED or the request was refused,
 2 bad input, 3 broker unreachable, 4 no taskmanager picked the request up.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import sys
 import time
 import uuid
@@ -21,9 +22,10 @@ from kombu.utils.url import maybe_sanitize_url
 
 from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
-from berth.ids import INSTANCE_ID_FORMAT, task_id
+from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.spec import InvalidField, check_instance_id
-from tasks import app, queues, waiting
+from guest.launch import agent_command
+from tasks import app, credentials, queues, waiting
 from tasks.errors import InstanceExists, InvalidRequest, QueueMissing
 from tasks.records import FINAL, InstanceRecord, Status
 from tasks.runtime import records, result_client, setting
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("dead-letters", help="messages the instance's guest refused and dropped, newest first")
     dl.add_argument("instance_id", metavar="ID")
     dl.add_argument("--limit", type=int, default=100)
+    ge = sub.add_parser("guest-env", help="what a guest started by hand (--boot none) needs: its own broker "
+                                          "user and key, as shell variables",
+                        description="Prints BERTH_INSTANCE_ID, CELERY_BROKER_URL, CELERY_RESULT_BACKEND and "
+                                    "BERTH_GUEST_KEY for the instance's guest, then the command that starts it. "
+                                    "These are secrets: hand them to that guest only.")
+    ge.add_argument("instance_id", metavar="ID")
+    ge.add_argument("--json", action="store_true", help="print the variables as one JSON object")
     return parser
 
 
@@ -296,10 +305,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
     instance_id = _checked_id(args.instance_id)
     check_broker()
     started = time.monotonic()
-    ping_id = task_id(instance_id, f"cliping.{uuid.uuid4().hex[:12]}")
+    record = records().get(instance_id)
+    if record is None:
+        raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
+    ping_id = f"{guest_task_prefix(instance_id)}cliping.{uuid.uuid4().hex[:12]}"
     try:
         queues.publish(app, records().client, instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                       task_id=ping_id, expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.timeout))
+                       task_id=ping_id, expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.timeout),
+                       key=credentials.key_of(record))
     except QueueMissing as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
     answer = waiting.wait_for_result(result_client(), ping_id, args.timeout)
@@ -318,8 +331,28 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_guest_env(args: argparse.Namespace) -> int:
+    instance_id = _checked_id(args.instance_id)
+    check_broker()
+    record = records().get(instance_id)
+    if record is None:
+        raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
+    if record.status in (Status.DELETING, Status.DELETED):
+        raise CliError(f"instance {instance_id} is {record.status.value}: its guest's credentials are revoked",
+                       EXIT_FAILED)
+    env = credentials.guest_env(instance_id, record["request_id"], app.conf.broker_url, app.conf.result_backend)
+    if args.json:
+        print(json.dumps(env, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"# The guest of {instance_id}: its own broker user and key. Secrets: for that guest only.")
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
+    print(f"# then: {' '.join(agent_command(instance_id)[1:]).replace('-m celery', 'celery', 1)}")
+    return EXIT_OK
+
+
 COMMANDS = {"provision": cmd_provision, "show": cmd_show, "list": cmd_list, "delete": cmd_delete,
-            "ping": cmd_ping, "dead-letters": cmd_dead_letters}
+            "ping": cmd_ping, "dead-letters": cmd_dead_letters, "guest-env": cmd_guest_env}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

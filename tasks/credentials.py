@@ -1,0 +1,171 @@
+"""Per-guest broker credentials: one Redis ACL user per instance, allowed only its own keys.
+
+create_queue mints the user (`mint`); delete revokes it (`revoke`). The password is derived from
+the master key (`berth.keys.acl_password`), so it is stored nowhere and a restarted taskmanager
+hands out the same one. Redis keeps only its SHA-256; the embedded broker saves users to its ACL
+file (ACL SAVE), so they survive a broker restart.
+
+What a guest's user may touch (all derived from its instance id, whose fixed format holds no dot
+and no glob character, so no pattern reaches another guest's keys):
+
+- its queue ``guest.ID`` and that queue's priority lists ``guest.ID\\x06\\x16N`` (BRPOP, and LPUSH
+  to put back what it took and never acknowledged);
+- its own ack-emulation keys ``unacked.ID``, ``unacked_index.ID``, ``unacked_mutex.ID``;
+- results of the tasks sent to it, ``celery-task-meta-ID.guest.*`` (and PUBLISH on that channel):
+  task ids of guest-bound messages are ``ID.guest.<name>...``, those of the taskmanager's steps
+  are not, so a guest can neither answer for another guest nor forge its own chain's results;
+- its dead-letter list ``berth:deadletter:ID``.
+
+Nothing else: not the taskmanager queue, not the instance records, not the queue bindings (a
+guest that could add a binding could make the taskmanager's publishes land in another queue),
+not SCAN or KEYS (they would list other instances), not events or remote control.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from berth.ids import (
+    KOMBU_SEP,
+    RESULT_KEY_PREFIX,
+    deadletter_key,
+    guest_queue,
+    guest_task_prefix,
+    unacked_keys,
+)
+from berth.keys import GuestKey, acl_password, guest_key
+
+log = logging.getLogger("berth.credentials")
+
+# What kombu's Redis transport, Celery's Redis result backend and the agent itself send, and no more.
+GUEST_COMMANDS = (
+    "auth", "hello", "ping", "select", "client|setname", "client|id", "info", "echo", "reset",
+    # queue: consume, and put back what was taken and never acknowledged
+    "brpop", "lpush", "rpush", "llen",
+    # ack emulation
+    "hset", "hget", "hdel", "hkeys", "hlen", "zadd", "zrem", "zrange", "zrangebyscore", "zcard",
+    "set", "get", "del", "expire", "setex", "exists",
+    # results
+    "publish", "mget",
+    # dead letters
+    "ltrim", "lrange",
+    # pipelines; redis-py's lock (kombu's unacked mutex) is a Lua script, and a script's commands
+    # are checked against the same rules as the user's own
+    "multi", "exec", "discard", "watch", "unwatch", "evalsha", "script|load",
+)
+
+
+class BrokerNotIsolating(RuntimeError):
+    """The broker lets anyone in as its default user without a password."""
+
+
+def user_name(instance_id: str) -> str:
+    return f"guest.{instance_id}"
+
+
+def key_patterns(instance_id: str) -> list[str]:
+    queue = guest_queue(instance_id)
+    return [queue, f"{queue}{KOMBU_SEP}*", *unacked_keys(instance_id).values(),
+            f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id)]
+
+
+def channel_patterns(instance_id: str) -> list[str]:
+    return [f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*"]
+
+
+def acl_rules(instance_id: str, password: str) -> list[str]:
+    """ACL SETUSER arguments: only these keys, channels and commands, and this password."""
+    return ["reset", "on", f">{password}", "resetkeys", "resetchannels", "-@all",
+            *(f"~{p}" for p in key_patterns(instance_id)),
+            *(f"&{p}" for p in channel_patterns(instance_id)),
+            *(f"+{c}" for c in GUEST_COMMANDS)]
+
+
+def _clients(*clients: redis.Redis) -> list[redis.Redis]:
+    """The distinct servers among clients (broker and result backend may be one)."""
+    seen: dict[tuple[Any, ...], redis.Redis] = {}
+    for client in clients:
+        kwargs = client.connection_pool.connection_kwargs
+        seen.setdefault((kwargs.get("host"), kwargs.get("port"), kwargs.get("path")), client)
+    return list(seen.values())
+
+
+def _save(client: redis.Redis) -> None:
+    """Persist users to the server's ACL file, if it has one (the embedded broker does)."""
+    try:
+        client.execute_command("ACL", "SAVE")
+    except redis.ResponseError as exc:
+        log.warning("broker has no ACL file (%s): guest users are lost if it restarts", exc)
+
+
+def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
+    """Create (or reset) the guest's ACL user on the broker and the result backend; its name."""
+    password = acl_password(instance_id, request_id)
+    for client in _clients(*clients):
+        client.execute_command("ACL", "SETUSER", user_name(instance_id), *acl_rules(instance_id, password))
+        _save(client)
+    return user_name(instance_id)
+
+
+def revoke(instance_id: str, *clients: redis.Redis) -> bool:
+    """Delete the guest's user (Redis drops its connections too); True if it existed anywhere."""
+    found = False
+    for client in _clients(*clients):
+        if int(client.execute_command("ACL", "DELUSER", user_name(instance_id))):
+            found = True
+            _save(client)
+    return found
+
+
+def exists(instance_id: str, client: redis.Redis) -> bool:
+    return user_name(instance_id) in {str(u if isinstance(u, str) else u.decode())
+                                      for u in client.execute_command("ACL", "USERS")}
+
+
+def key_of(record: Any) -> GuestKey:
+    """The key of the guest an instance record's provisioning request booted."""
+    return guest_key(record.instance_id, record["request_id"])
+
+
+def url_for(url: str, instance_id: str, request_id: str) -> str:
+    """``url`` with the guest's user and password instead of the admin's."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{quote(user_name(instance_id), safe='')}:{acl_password(instance_id, request_id)}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def guest_env(instance_id: str, request_id: str, broker_url: str, result_backend: str) -> dict[str, str]:
+    """What the guest of this instance needs, and nothing more: its broker user and its key."""
+    return {
+        "BERTH_INSTANCE_ID": instance_id,
+        "CELERY_BROKER_URL": url_for(broker_url, instance_id, request_id),
+        "CELERY_RESULT_BACKEND": url_for(result_backend, instance_id, request_id),
+        "BERTH_GUEST_KEY": guest_key(instance_id, request_id).text(),
+    }
+
+
+def isolation_problem(client: redis.Redis) -> str | None:
+    """Why guests would not be isolated on this broker, or None."""
+    kwargs = client.connection_pool.connection_kwargs
+    probe = redis.Redis(**{k: v for k, v in kwargs.items() if k in ("host", "port", "db", "path")},
+                        socket_connect_timeout=2.0)
+    try:
+        probe.ping()
+    except redis.AuthenticationError:
+        return None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+            return None
+        raise
+    finally:
+        probe.close()
+    return ("the broker lets any client in without a password (its default user is open): a guest "
+            "could skip its own user and touch every key. Give the default user a password "
+            "(the embedded broker does).")
