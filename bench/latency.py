@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ def main() -> int:
                               "-l", "WARNING"), root / "taskmanager.log")
     guests: list[Proc] = []
     try:
-        from tasks import app
-        from tasks.runtime import records
+        from tasks import app, credentials
+        from tasks.runtime import records, redis_client, result_client
         from workflows import provision_chain
 
         wait_until(lambda: app.control.inspect(timeout=1).ping(), 60, message="taskmanager up")
@@ -58,11 +59,17 @@ def main() -> int:
             bare.append(time.perf_counter() - started)
         berth = []
         for n in range(args.instances):
-            instance_id = f"bench-{n}"
-            guest = Proc(guest_command(instance_id), root / f"guest-{n}.log")
+            instance_id, request_id = f"bench-{n}", uuid.uuid4().hex
+            # A live guest before the request: its user and key exist ahead of create_queue
+            # (which mints the same user again), as an operator's `guest-env` would give them.
+            credentials.mint(instance_id, request_id, redis_client(), result_client())
+            env = {**os.environ, **credentials.guest_env(instance_id, request_id, app.conf.broker_url,
+                                                         app.conf.result_backend)}
+            guest = Proc(guest_command(instance_id), root / f"guest-{n}.log", env=env)
             guests.append(guest)
             wait_until(guest_ready(guest), 30, message="guest ready")
-            provision_chain(instance_id, datastore="noop", boot="none").apply_async().get(timeout=30)
+            provision_chain(instance_id, request_id=request_id, datastore="noop", boot="none"
+                            ).apply_async().get(timeout=30)
             record = records().get(instance_id)
             assert record is not None
             berth.append(record["active_at"] - record["created_at"])

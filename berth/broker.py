@@ -67,6 +67,13 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def private_dir(data_dir: Path) -> Path:
+    """The broker's folder, readable by its owner only: it holds the AOF, the ACL file, the password."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    return data_dir
+
+
 def admin_password(data_dir: Path) -> str:
     """The broker's admin password, made on first start and kept in its data dir (mode 0600).
 
@@ -141,7 +148,7 @@ class EmbeddedRedis:
         return admin_url(self.port, self.data_dir)
 
     def start(self) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         args = server_args(self.port, self.data_dir, *self.extra_args)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         try:
@@ -177,8 +184,7 @@ class EmbeddedRedis:
 def serve() -> None:
     """Replace this process with redis-server on BERTH_BROKER_PORT (Procfile's `broker`)."""
     port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
-    data_dir = broker_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(broker_dir())
     args = server_args(port, data_dir)
     _write_private(broker_url_file(), admin_url(port, data_dir) + "\n")
     # Log to stdout under honcho, so its output shows next to the workers'.

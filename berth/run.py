@@ -19,7 +19,7 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from berth.broker import admin_url, free_port, redis_cli_command, wait_until_ready
+from berth.broker import admin_url, free_port, private_dir, redis_cli_command, wait_until_ready
 from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file
 
 READY_TIMEOUT_S = 60.0
@@ -45,7 +45,7 @@ def environment(home: Path) -> tuple[dict[str, str], list[str]]:
     if not env.get("CELERY_BROKER_URL"):
         port = free_port()
         env["BERTH_BROKER_PORT"] = str(port)
-        broker_dir().mkdir(parents=True, exist_ok=True)
+        private_dir(broker_dir())
         env["CELERY_BROKER_URL"] = admin_url(port, broker_dir())
         processes.insert(0, "broker")
     env.setdefault("FLOWER_PORT", "5555" if port_free(5555) else str(free_port()))

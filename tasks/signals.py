@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from berth.config import UnsafeSettings, ensure_safe
 
@@ -20,6 +20,21 @@ def refuse_unsafe_settings(sender: Any = None, **_: Any) -> None:
     except UnsafeSettings as exc:
         # SystemExit passes Celery's signal guard: the worker stops with this message.
         raise SystemExit(f"taskmanager refused to start: {exc}") from exc
+
+
+@worker_ready.connect
+def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
+    """A broker whose default user needs no password isolates nobody: say so at start."""
+    from tasks import credentials
+    from tasks.runtime import redis_client
+
+    try:
+        problem = credentials.isolation_problem(redis_client())
+    except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
+        log.warning("could not check whether the broker isolates guests: %s", exc)
+        return
+    if problem:
+        log.warning("guests are NOT isolated: %s", problem)
 
 
 @worker_shutdown.connect

@@ -94,6 +94,16 @@ def start_guest(session_root: Path) -> Iterator[Callable[[str], Proc]]:
 
 
 @pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Any]:
+    """A private stack (broker, taskmanagers, BERTH_HOME) for a test that stops or reads its parts."""
+    from tests.stack import Stack
+
+    private = Stack(tmp_path)
+    yield private
+    private.close()
+
+
+@pytest.fixture
 def records() -> Any:
     from tasks.runtime import records as get
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +22,6 @@ from tests.stack import Stack
 ITERATIONS = 2
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(tmp_path)
-    yield stack
-    stack.close()
 
 
 def journal(stack: Stack, instance_id: str) -> dict[str, Any]:

@@ -145,3 +145,47 @@ def test_no_event_of_a_provisioning_carries_its_password(new_id: Callable[[str],
     sent = [e for e in seen if '"task-sent"' in e and "create_queue" in e]
     assert sent and "********" in sent[0], "the create_queue task-sent event was seen, masked"
     assert not [e for e in seen if PASSWORD in e]
+
+
+def test_flower_requires_basic_auth_by_default_and_serves_metrics_without(tmp_path: Path) -> None:
+    """Without FLOWER_BASIC_AUTH, Flower still asks for a password (flowerconfig.py); /metrics
+    and /healthcheck are Flower's own and open, as the README warns."""
+    import urllib.error
+
+    port = free_port()
+    env = project_env(BERTH_HOME=str(tmp_path))
+    env.pop("FLOWER_BASIC_AUTH", None)
+    proc = Proc(celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}"),
+                tmp_path / "flower.log", env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def status(path: str, auth: str | None = None) -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    try:
+        wait_until(lambda: _answers(base), 60, interval_s=0.2, message="flower answering")
+        auth_file = tmp_path / "flower.auth"
+        assert auth_file.stat().st_mode & 0o077 == 0
+        auth = auth_file.read_text().strip()
+        assert auth.startswith("admin:") and len(auth) > len("admin:") + 10
+        assert status("/api/workers") == 401
+        assert status("/api/workers", "admin:wrong") == 401
+        assert status("/api/workers", auth) == 200
+        assert status("/", auth) == 200
+        assert status("/metrics") == 200, "Flower serves /metrics without auth"
+        assert status("/healthcheck") == 200
+    finally:
+        proc.stop()
+
+
+def _answers(base: str) -> bool:
+    try:
+        urllib.request.urlopen(base + "/healthcheck", timeout=2).close()
+        return True
+    except OSError:
+        return False

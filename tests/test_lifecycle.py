@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,6 @@ from tasks.records import Records
 from tests.helpers import project_env, send_to_guest, wait_until
 from tests.stack import Stack
 from workflows import provision_chain
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path)
-    yield s
-    s.close()
 
 
 def test_local_guests_stop_with_the_taskmanager_that_booted_them(stack: Stack) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from berth.broker import free_port
@@ -40,7 +41,7 @@ def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp
                    message="make run ready")
         out = launcher.log()
         assert "demo-1: ACTIVE" in out, out
-        for line in ("broker:      redis://127.0.0.1:", "taskmanager: ready", "demo-1: queue guest.demo-1 created",
+        for line in ("broker:      redis://:**@127.0.0.1:", "taskmanager: ready", "demo-1: queue guest.demo-1 created",
                      "demo-1: guest answered", "connected as app: app:greeting = 'hello from berth'",
                      "flower:      http://127.0.0.1:"):
             assert line in out, out
@@ -52,6 +53,12 @@ def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp
                                 "--no-auth-warning", "GET", "app:greeting"], capture_output=True, text=True, timeout=10)
         assert shown.stdout.strip() == "hello from berth", "the printed command works as printed"
         assert (home / "redis" / "appendonly.aof").exists(), "the embedded broker keeps its AOF in BERTH_HOME"
+        # Nobody gets in without the admin password, which only the control plane's files hold.
+        broker_port = int(re.search(r"broker:      redis://:\*\*@127.0.0.1:(\d+)/", out).group(1))  # type: ignore[union-attr]
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=broker_port).get("berth:instances")
+        for secret in ("redis", "redis/admin.secret", "master.key", "broker.url"):
+            assert (home / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
         assert processes_with_env(str(home)), "its processes carry BERTH_HOME"
     finally:
         launcher.popen.send_signal(signal.SIGINT)  # Ctrl-C reaches the launcher only
