@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import os
-import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ KEY_BYTES = 32
 SEALED_PREFIX = "berth-sealed:v1:"
 SIGNATURE_HEADER = "berth_signature"
 SIGNATURE_VERSION = "v1"
+# Every header Celery's task message protocol 2 defines: all of them change what runs, when, or
+# where its result goes (eta, ignore_result, timelimit, retries, root_id, ...), so all are signed.
+SIGNED_HEADERS = ("task", "id", "shadow", "eta", "expires", "group", "group_index", "retries", "timelimit",
+                  "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
+                  "replaced_task_nesting", "stamped_headers", "stamps")
 
 
 class KeyProblem(RuntimeError):
@@ -87,23 +92,47 @@ def _load_or_create(path_text: str) -> bytes:
     path = Path(path_text)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under another name, then linked into place: never half a key, and of two
+        # processes creating it at once, the first link wins and both read that one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            # O_EXCL: of two processes creating it at once, one writes and both read the same key.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
             with os.fdopen(fd, "w") as handle:
                 handle.write(b64(os.urandom(KEY_BYTES)) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-    text = ""
-    for _ in range(50):  # another process may be between O_EXCL and its write
-        text = path.read_text()
-        if text.strip():
-            break
-        time.sleep(0.01)
-    return _parse_key(text, str(path))
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _parse_key(path.read_text(), str(path))
+
+
+FINGERPRINT_KEY = "berth:master-key-fingerprint"
+
+
+def fingerprint() -> str:
+    """A short, public digest of the master key: tells two keys apart, reveals nothing of them."""
+    return _derive(master_key(), "fingerprint").hex()[:16]
+
+
+def check_master_key(client: Any) -> None:
+    """Refuse a master key other than the one the broker's instances were made with.
+
+    The first control-plane process records the key's fingerprint on the broker; a process with
+    another key (a second host without BERTH_MASTER_KEY, a lost master.key) would hand out guest
+    credentials that open nothing and sign messages every guest refuses.
+    """
+    mine = fingerprint()
+    client.set(FINGERPRINT_KEY, mine, nx=True)
+    recorded = client.get(FINGERPRINT_KEY)
+    recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
+    if recorded != mine:
+        source = "BERTH_MASTER_KEY" if os.environ.get("BERTH_MASTER_KEY") else str(master_key_file())
+        raise KeyProblem(f"the master key from {source} (fingerprint {mine}) is not the one this broker's "
+                         f"instances were made with (fingerprint {recorded}): use the same BERTH_MASTER_KEY "
+                         "on every control-plane host")
 
 
 def _derive(key: bytes, *parts: str) -> bytes:
@@ -144,10 +173,11 @@ class GuestKey:
     def text(self) -> str:
         return b64(self.raw)
 
-    def sign(self, *, task: str, task_id: str, instance_id: str, expires: str | None, body: Any) -> str:
-        """The signature of a task message: its name, id, instance, expiry and whole body."""
-        content = canonical({"task": task, "id": task_id, "instance": instance_id, "expires": expires,
-                             "body": body})
+    def sign(self, *, instance_id: str, headers: Mapping[str, Any], body: Any) -> str:
+        """The signature of a task message for this guest's instance: every Celery header (task
+        name, id, expiry, ...; see SIGNED_HEADERS) and the whole body (args, kwargs, embed)."""
+        content = canonical({"instance": instance_id, "body": body,
+                             "headers": {name: headers.get(name) for name in SIGNED_HEADERS}})
         return f"{SIGNATURE_VERSION}:{hmac.new(self._sign, content, hashlib.sha256).hexdigest()}"
 
     def verify(self, signature: object, **fields: Any) -> bool:

@@ -78,6 +78,13 @@ class OwnHashQoS(redis_transport.QoS):
     restore_at_shutdown = False
     broker_url: str | None = None
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: `RestoreOwnUnacked` puts back whatever this consumer does not hold, sooner.
+
+        kombu's own sweep (messages older than the visibility timeout) takes a lock that is a Lua
+        script; a guest's broker user may run no script (one could stall the broker).
+        """
+
     def ack(self, delivery_tag: str) -> None:
         self._settle(delivery_tag, lambda: self._remove_from_indices(delivery_tag, self._pipe()).execute())
 

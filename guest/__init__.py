@@ -92,17 +92,15 @@ def own_queue_lookup(instance_id: str) -> None:
     """Put back a message this guest took to its own queue, without reading the queue's bindings.
 
     kombu looks the queue up in ``_kombu.binding.<exchange>`` when it restores a message; a guest's
-    broker user may not read (or write) bindings, and every message it holds came from guest.ID.
+    broker user may not read (or write) bindings, and every message it holds came from guest.ID,
+    whatever exchange its envelope names.
     """
     from kombu.transport import redis as redis_transport
 
     name = guest_queue(instance_id)
-    original = redis_transport.Channel._lookup
 
     def lookup(self: Any, exchange: str, routing_key: str, default: Any = None) -> list[str]:
-        if exchange == name:
-            return [name]
-        return list(original(self, exchange, routing_key, default))
+        return [name]
 
     redis_transport.Channel._lookup = lookup  # type: ignore[method-assign]
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.signals import task_postrun
+from celery.signals import task_failure, task_success
 
 from berth import __version__
 from berth.keys import SealError
@@ -120,12 +120,27 @@ def _unsealed(users: Any) -> Any:
     return opened
 
 
-@task_postrun.connect
-def spend(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    """A message that ran is spent: the same id arriving again is a replay (guest/authn.py)."""
-    if not task_id or task is None:
+@task_success.connect
+def spend_on_success(sender: Any = None, **_: Any) -> None:
+    _spend(sender)
+
+
+@task_failure.connect
+def spend_on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    _spend(sender)
+
+
+def _spend(task: Any) -> None:
+    """A message that ran, its result stored, is spent: the same id again is a replay (guest/authn.py).
+
+    Celery sends these signals after it stored the result; a result it could not store raises
+    before them, and the message, not spent, comes back and runs again.
+    """
+    request = getattr(task, "request", None)
+    task_id = getattr(request, "id", None)
+    if not task_id:
         return
-    expires_at = expiry_epoch(getattr(task.request, "expires", None))
+    expires_at = expiry_epoch(getattr(request, "expires", None))
     identity().spent.spend(task_id, expires_at if expires_at is not None else time.time() + 86400)
 
 

@@ -1,8 +1,9 @@
 """A guest believes only messages it can verify: signed for it, unaltered, unexpired, not replayed.
 
 The taskmanager signs every message to a guest with that guest's key (`berth.keys.GuestKey.sign`:
-task name, task id, instance id, expiry and the whole body: args, kwargs and Celery's embed).
-Celery's ``auth`` serializer would sign the body only; the name and id live in headers. Before
+the instance id, every Celery header (task name, id, expiry, eta, ignore_result, ...) and the
+whole body: args, kwargs and Celery's embed). Celery's ``auth`` serializer would sign the body
+only; the name, id and expiry live in headers. Before
 Celery sees a message, the guest's consumer (guest/consumer.py) asks `check`, in this order:
 
 1. **retargeted**: its task id or its ``instance_id`` argument names another instance;
@@ -11,9 +12,10 @@ Celery sees a message, the guest's consumer (guest/consumer.py) asks `check`, in
 4. **expired**: its signed expiry has passed (or it has none);
 5. **replayed**: this guest has already run a message with this id (`SpentIds`).
 
-A refused message is logged with the reason, dead-lettered (an expired one only logged: a guest
-that starts late finds the pings it missed, expired, and that is normal) and dropped; the guest
-goes on serving.
+A refused message is logged with the reason, dead-lettered and dropped; the guest goes on
+serving. Two refusals are normal and only logged: an expired message (a guest that starts late
+finds the pings it missed) and a message that ran here already and comes back marked redelivered
+(its acknowledgement was lost, with the broker say).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ UNSIGNED = "unsigned"
 TAMPERED = "tampered"
 EXPIRED = "expired"
 REPLAYED = "replayed"
+# Not an attack: a message that ran here and whose ack was lost (with the broker, say) comes back
+# marked redelivered by kombu's restore. Dropped quietly, like an expired one.
+ALREADY_RAN = "already_ran"
+QUIET = frozenset({EXPIRED, ALREADY_RAN})
 SPENT_FILE = "spent.json"
 
 
@@ -47,8 +53,9 @@ class Refusal:
 class SpentIds:
     """Ids of the messages this guest has run, on its own disk, each kept until it expires.
 
-    A message is spent once it ran (not when it arrived): one that was running when the guest
-    was killed is redelivered and runs again, where prepare's journal keeps it from applying twice.
+    A message is spent once it ran and its result is stored (not when it arrived): one that was
+    running when the guest was killed, or whose result could not be stored, comes back and runs
+    again, where prepare's journal keeps it from applying twice.
     """
 
     def __init__(self, home: Path) -> None:
@@ -113,16 +120,16 @@ def check(headers: Any, payload: Any, *, instance_id: str, key: GuestKey, spent:
     signature = headers.get(SIGNATURE_HEADER)
     if signature is None:
         return Refusal(UNSIGNED, f"no {SIGNATURE_HEADER} header: not sent by this guest's taskmanager")
-    expires = headers.get("expires")
-    if not isinstance(task, str) or not key.verify(signature, task=task, task_id=task_id, instance_id=instance_id,
-                                                  expires=expires, body=payload):
+    if not isinstance(task, str) or not key.verify(signature, instance_id=instance_id, headers=headers, body=payload):
         return Refusal(TAMPERED, "signature does not match: altered in transit, or signed with another key")
-    expires_at = expiry_epoch(expires)
+    expires_at = expiry_epoch(headers.get("expires"))
     if expires_at is None:
         return Refusal(EXPIRED, "no expiry: every message to a guest must have one")
     now = time.time() if now is None else now
     if now >= expires_at:
         return Refusal(EXPIRED, f"expired {now - expires_at:.1f} s ago")
     if task_id in spent:
+        if headers.get("redelivered"):
+            return Refusal(ALREADY_RAN, f"message {task_id} already ran here; its acknowledgement was lost")
         return Refusal(REPLAYED, f"message {task_id} already ran on this guest")
     return None

@@ -253,6 +253,12 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
                     raise InvalidTaskError(problem)
                 except InvalidTaskError as exc:  # raised, so that Celery's report has its traceback
                     return self.on_invalid_task(None, message, exc)
+            except redis.exceptions.NoPermissionError as exc:
+                # The broker refused a write this message asked for (another guest's key, say):
+                # the message's fault, not the connection's. Without this, Celery would stop.
+                self._forget_requests(message)
+                self._drop(message, INVALID, _short(f"the broker refused it a write: {exc}"), None)
+                return None
             except self._passthrough():
                 raise
             except Exception as exc:  # noqa: BLE001 - any other failure is the message's: drop it
@@ -278,14 +284,17 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
         """Why this guest does not believe the message (guest/authn.py), or None.
 
         A message without a task header or with a body that cannot be decoded is left to
-        Celery's handlers below: it is dropped all the same, and nothing of it runs.
+        Celery's handlers below, which drop it, unless its body names a task: Celery would run
+        that (task message protocol 1), and nothing the taskmanager sends looks like it.
         """
         headers = message.headers
-        if not isinstance(headers, dict) or "task" not in headers:
-            return None
         try:
             payload = message.payload
         except Exception:  # noqa: BLE001 - Celery reports it: on_decode_error / on_invalid_task
+            return None
+        if not isinstance(headers, dict) or "task" not in headers:
+            if isinstance(payload, dict) and "task" in payload:
+                return authn.Refusal(authn.UNSIGNED, "a task named in the body (protocol 1): never signed")
             return None
         from guest import identity
 
@@ -293,10 +302,10 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
         return authn.check(headers, payload, instance_id=me.instance_id, key=me.key, spent=me.spent)
 
     def _refuse(self, message: Any, refusal: authn.Refusal) -> None:
-        if refusal.reason == authn.EXPIRED:
-            # A guest that starts late finds the pings it missed: normal, not worth a dead letter.
-            log.info("refused a message on guest.%s (expired: %s): task %r, id %r; dropped",
-                     self.app.conf.berth_instance_id, refusal.error, *_task_and_id(message))
+        if refusal.reason in authn.QUIET:
+            # Normal (a late guest's missed pings, a redelivery after a lost ack): no dead letter.
+            log.info("refused a message on guest.%s (%s: %s): task %r, id %r; dropped",
+                     self.app.conf.berth_instance_id, refusal.reason, refusal.error, *_task_and_id(message))
             self._reject(message)
             return
         self._drop(message, refusal.reason, refusal.error, None)
@@ -327,6 +336,9 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
         if original is not None:
             try:
                 original(*args)
+            except redis.exceptions.NoPermissionError as exc:
+                log.warning("Celery's handling of the dropped message was refused by the broker (%s); "
+                            "rejecting it", exc)
             except self._passthrough():
                 raise
             except Exception as exc:  # noqa: BLE001 - the message is dropped all the same

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 
 from berth.ids import (
     KOMBU_SEP,
+    RECORD_INDEX_KEY,
     RESULT_KEY_PREFIX,
     deadletter_key,
     guest_queue,
     guest_task_prefix,
+    record_key,
     unacked_keys,
 )
 from berth.keys import GuestKey, acl_password, guest_key
@@ -43,7 +45,7 @@ log = logging.getLogger("berth.credentials")
 
 # What kombu's Redis transport, Celery's Redis result backend and the agent itself send, and no more.
 GUEST_COMMANDS = (
-    "auth", "hello", "ping", "select", "client|setname", "client|id", "info", "echo", "reset",
+    "auth", "hello", "ping", "select", "client|setname", "reset",
     # queue: consume, and put back what was taken and never acknowledged
     "brpop", "lpush", "rpush", "llen",
     # ack emulation
@@ -53,9 +55,8 @@ GUEST_COMMANDS = (
     "publish", "mget",
     # dead letters
     "ltrim", "lrange",
-    # pipelines; redis-py's lock (kombu's unacked mutex) is a Lua script, and a script's commands
-    # are checked against the same rules as the user's own
-    "multi", "exec", "discard", "watch", "unwatch", "evalsha", "script|load",
+    # pipelines. No scripts: Redis cannot bound a script's run time, and one could stall the broker.
+    "multi", "exec", "discard", "watch", "unwatch",
 )
 
 
@@ -121,9 +122,35 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
     return found
 
 
-def exists(instance_id: str, client: redis.Redis) -> bool:
-    return user_name(instance_id) in {str(u if isinstance(u, str) else u.decode())
-                                      for u in client.execute_command("ACL", "USERS")}
+# Instances whose guest holds a user: minted by create_queue, revoked by delete (while DELETING).
+HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED"})
+
+
+def restore_missing(client: redis.Redis, *others: redis.Redis) -> list[str]:
+    """Mint again the users of live instances the broker has lost; their ids.
+
+    A broker without an ACL file forgets its users when it restarts. The passwords are derived,
+    so the same users come back and the guests reconnect as before. Run by each taskmanager
+    node at start and after it lost the broker.
+    """
+    users = {_text(u) for u in client.execute_command("ACL", "USERS")}
+    restored = []
+    for raw in client.zrange(RECORD_INDEX_KEY, 0, -1):
+        instance_id = _text(raw)
+        if user_name(instance_id) in users:
+            continue
+        status, request_id = client.hmget(record_key(instance_id), ["status", "request_id"])
+        status, request_id = _text(status), _text(request_id)
+        if status in HOLDS_USER and request_id:
+            mint(instance_id, request_id, client, *others)
+            restored.append(instance_id)
+    if restored:
+        log.warning("the broker had lost %d guest user(s); minted again: %s", len(restored), ", ".join(restored))
+    return restored
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def key_of(record: Any) -> GuestKey:
@@ -132,13 +159,12 @@ def key_of(record: Any) -> GuestKey:
 
 
 def url_for(url: str, instance_id: str, request_id: str) -> str:
-    """``url`` with the guest's user and password instead of the admin's."""
+    """``url`` with the guest's user and password instead of the admin's (in the URL or its query)."""
     parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"{quote(user_name(instance_id), safe='')}:{acl_password(instance_id, request_id)}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    host_port = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user_name(instance_id), safe='')}:{acl_password(instance_id, request_id)}@{host_port}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("username", "password")])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def guest_env(instance_id: str, request_id: str, broker_url: str, result_backend: str) -> dict[str, str]:

@@ -147,13 +147,14 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
         raise self.retry(countdown=CHAIN_STOP_POLL_S)
     DRIVERS[record["boot"]].destroy(instance_id)
     dead_letters = int(redis_client().llen(deadletter_key(instance_id)))
+    # The guest's broker user first (Redis drops its connections): a guest still running
+    # somewhere can write none of the keys removed next.
+    credentials.revoke(instance_id, redis_client(), result_client())
     removed = queues.remove_instance_keys(redis_client(), result_client(), instance_id,
                                           extra_task_ids=(record["request_id"],))
-    # The guest's broker user goes last: its credentials open nothing from now on.
-    revoked = credentials.revoke(instance_id, redis_client(), result_client())
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
                          deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,
-                         guest_user_revoked=int(revoked))
+                         guest_user_revoked=1)
     ttl_s = setting("deleted_record_ttl_s")
     records().finish_requests(ttl_s, record["request_id"], record["delete_request_id"])
     records().expire(instance_id, ttl_s)

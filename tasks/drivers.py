@@ -27,9 +27,15 @@ from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, gues
 
 BOOTED_BY = "booted_by"
 REQUEST = "request_id"
-# The control plane's secrets and settings: never in a guest's environment.
-CONTROL_PLANE_ONLY = frozenset({"BERTH_MASTER_KEY", "FLOWER_BASIC_AUTH", "BERTH_FAILPOINTS", "BERTH_FAILPOINT_DIR",
-                                "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"})
+# What a guest inherits from its taskmanager's environment: the process basics and Berth's own
+# settings (deadlines, ...), and nothing else: not the admin broker URL, not the master key.
+INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH"})
+CONTROL_PLANE_ONLY = frozenset({"BERTH_MASTER_KEY", "BERTH_FAILPOINTS", "BERTH_FAILPOINT_DIR"})
+
+
+def inherited(environ: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items()
+            if (k in INHERITED or k.startswith("LC_") or k.startswith("BERTH_")) and k not in CONTROL_PLANE_ONLY}
 # Popen handles of guests this process started, so that their exit status is reaped.
 _children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -178,7 +184,7 @@ class LocalDriver:
         from tasks import app
         from tasks.credentials import guest_env
 
-        env = {k: v for k, v in os.environ.items() if k not in CONTROL_PLANE_ONLY}
+        env = inherited(dict(os.environ))
         env.update(BERTH_HOME=str(self.home or berth_home()),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
                    **guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend))

@@ -89,7 +89,6 @@ class MaskingAMQP(AMQP):
         signing = _signing.get()
         if signing is not None:
             instance_id, key = signing
-            headers = message.headers
-            headers[SIGNATURE_HEADER] = key.sign(task=name, task_id=task_id, instance_id=instance_id,
-                                                 expires=headers.get("expires"), body=list(message.body))
+            message.headers[SIGNATURE_HEADER] = key.sign(instance_id=instance_id, headers=message.headers,
+                                                         body=list(message.body))
         return message

@@ -28,6 +28,8 @@ import redis
 from celery import Celery, bootsteps
 
 from berth import unacked
+from berth.keys import KeyProblem, check_master_key
+from tasks import credentials
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
 
@@ -133,8 +135,16 @@ class Lease:
         look stalled would be resumed twice.
         """
         stall_after_s = float(self.app.conf.berth_stall_after_s)
+        # Guests' users, at start and whenever the broker restarted (a new run id) or failed:
+        # a broker without an ACL file forgets them.
+        check_users = True
+        broker_run: str | None = None
         while not self._stop.wait(self.ttl_s / 3):
             try:
+                run_id = str(self.client.info("server").get("run_id"))
+                if check_users or run_id != broker_run:
+                    credentials.restore_missing(self.client)
+                    check_users, broker_run = False, run_id
                 if not self.renew() and not self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
                     log.error("node %s: lost its lease to %s", self.nodename, self.client.get(self.key))
                 self.client.sadd(NODES_KEY, self.nodename)
@@ -143,9 +153,11 @@ class Lease:
                     reconcile(self.client, stall_after_s)
             except redis.RedisError as exc:
                 self.last_broker_error = time.monotonic()
+                check_users = True
                 log.warning("node %s: lease not renewed (broker: %s); retrying", self.nodename, exc)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 self.last_broker_error = time.monotonic()
+                check_users = True
                 log.exception("node %s: lease upkeep failed; retrying", self.nodename)
 
     def start(self) -> None:
@@ -169,8 +181,9 @@ class OwnUnacked(bootsteps.StartStopStep):
         client = redis.Redis.from_url(app.conf.broker_url, decode_responses=True, socket_connect_timeout=2.0)
         lease = Lease(app, client, nodename, ttl_s)
         try:
+            check_master_key(client)
             lease.acquire(wait_s=ttl_s + 1.0)
-        except (NodeNameTaken, redis.RedisError) as exc:
+        except (NodeNameTaken, KeyProblem, redis.RedisError) as exc:
             raise SystemExit(f"taskmanager {nodename} refused to start: {exc}") from exc
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, **node_unacked_keys(nodename)}
         unacked.use_own_hash(app.conf.broker_url)

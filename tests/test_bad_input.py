@@ -69,7 +69,7 @@ def envelope(genuine: Envelope, instance_id: str, body: bytes, *, task: object =
         payload = json.loads(body)
         if content_type == "application/json" and isinstance(task, str) and isinstance(task_id, str):
             headers[SIGNATURE_HEADER] = guest_identity(instance_id)[1].sign(
-                task=task, task_id=task_id, instance_id=instance_id, expires=headers["expires"], body=payload)
+                instance_id=instance_id, headers=headers, body=payload)
     except ValueError:
         pass  # nothing a taskmanager would sign: not JSON, or no JSON value (Infinity)
     for name in drop:

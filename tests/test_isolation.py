@@ -38,7 +38,7 @@ from guest import deadletters
 from tasks import app, queues
 from tasks.records import Records, Status
 from tasks.runtime import redis_client, result_client
-from tests.helpers import Proc, guest_identity, send_to_guest, wait_for_status
+from tests.helpers import Proc, guest_identity, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
@@ -131,6 +131,30 @@ def test_a_guests_credentials_open_its_own_keys_and_nothing_else(two_guests: tup
         redis.Redis.from_url(app.conf.broker_url.replace("//:", "//nobody:", 1), socket_connect_timeout=2).ping()
 
 
+def test_a_local_guest_gets_its_own_credentials_and_none_of_the_control_planes(two_guests: tuple[str, str]) -> None:
+    from tasks.drivers import LocalDriver
+
+    a, _ = two_guests
+    pid = LocalDriver().pid(a)
+    assert pid is not None
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    own, _ = guest_identity(a)
+    assert {k: env.get(k) for k in own} == own
+    assert not any(app.conf.broker_url.encode() in item for item in raw), "no admin broker URL"
+    assert "BERTH_MASTER_KEY" not in env and "FLOWER_BASIC_AUTH" not in env
+
+
+def test_a_control_plane_with_another_master_key_is_refused() -> None:
+    from berth.keys import b64
+    from tests.helpers import project_env, workflows_cli
+
+    out = workflows_cli("list", env=project_env(BERTH_MASTER_KEY=b64(os.urandom(32))))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is not the one this broker's instances were made with" in out.stderr
+    assert workflows_cli("list").returncode == 0
+
+
 def test_the_broker_lets_no_one_in_without_credentials() -> None:
     kwargs = redis_client().connection_pool.connection_kwargs
     anonymous = redis.Redis(host=kwargs["host"], port=kwargs["port"], socket_connect_timeout=2)
@@ -220,13 +244,17 @@ def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_an
 
     def resign(message: Envelope, key: GuestKey) -> None:
         headers = message["headers"]
-        headers[SIGNATURE_HEADER] = key.sign(task=headers["task"], task_id=headers["id"], instance_id=mine,
-                                             expires=headers["expires"], body=body_of(message))
+        headers[SIGNATURE_HEADER] = key.sign(instance_id=mine, headers=headers, body=body_of(message))
 
     def other_kwargs(message: Envelope) -> None:
         body = body_of(message)
         body[1]["extra"] = "injected"
         message["body"] = with_body(message, body)["body"]
+
+    def protocol_1(message: Envelope) -> None:
+        message["headers"].pop("task")
+        message["body"] = with_body(message, {"task": "guest.ping", "id": f"{mine}.guest.proto1", "args": [],
+                                              "kwargs": {"instance_id": mine}})["body"]
 
     cases = {
         # no signature at all (anyone with push access to the list, Celery's own publish)
@@ -237,8 +265,15 @@ def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_an
         f"{mine}.guest.tampered": (variant("tampered", other_kwargs), "tampered"),
         f"{mine}.guest.renamed": (variant("renamed", lambda m: m["headers"].update(task="guest.shutdown")),
                                   "tampered"),
+        # or a header that changes how it runs: no result stored, run later
+        f"{mine}.guest.noresult": (variant("noresult", lambda m: m["headers"].update(ignore_result=True)),
+                                   "tampered"),
+        f"{mine}.guest.delayed": (variant("delayed", lambda m: m["headers"].update(
+            eta=dt.datetime.now(dt.UTC).isoformat())), "tampered"),
         # signed the same, but its id changed: the signature covers the id
         f"{mine}.guest.reid": (variant("reid", lambda m: None), "tampered"),
+        # the task named in the body, no task header (Celery's protocol 1): Celery would run it
+        f"{mine}.guest.proto1": (variant("proto1", protocol_1), "unsigned"),
         # genuine, signed for another instance, pushed onto this guest's queue
         for_other["headers"]["id"]: (for_other, "retargeted"),
     }
@@ -324,3 +359,23 @@ def test_no_password_is_written_anywhere_in_plaintext(stack: Any) -> None:
             assert form not in written, f"{instance_id}'s password is in the broker's files"
             for log in logs:
                 assert form not in log.read_bytes(), f"{instance_id}'s password is in {log}"
+
+
+def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack: Any) -> None:
+    """A broker without an ACL file forgets its users when it restarts: each taskmanager node
+    mints the live instances' users again, and their guests carry on as before."""
+    from berth.broker import ACL_FILE
+
+    stack.start_taskmanager()
+    out = stack.cli("provision", "lost-1", "--datastore", "noop", "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    stack.broker.kill()
+    (stack.root / "redis" / ACL_FILE).unlink()  # restarts with its admin user only
+    stack.broker.start()
+    client = stack.client()
+    assert "guest.lost-1" not in client.execute_command("ACL", "USERS")
+    wait_until(lambda: "guest.lost-1" in client.execute_command("ACL", "USERS"), 30, message="user minted again")
+    pong = stack.cli("ping", "lost-1", "--timeout", "30")
+    assert pong.returncode == 0, pong.stdout + pong.stderr
+    assert json.loads(pong.stdout)["instance_id"] == "lost-1"
+    assert any("minted again: lost-1" in tm.log() for tm in stack.taskmanagers)

@@ -23,6 +23,7 @@ from kombu.utils.url import maybe_sanitize_url
 from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
+from berth.keys import KeyProblem, check_master_key
 from berth.spec import InvalidField, check_instance_id
 from guest.launch import agent_command
 from tasks import app, credentials, queues, waiting
@@ -110,6 +111,10 @@ def check_broker() -> None:
     except redis.RedisError as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}. Start Berth with `make run` "
                        "or point CELERY_BROKER_URL at a running Redis.", EXIT_BROKER) from exc
+    try:
+        check_master_key(records().client)
+    except KeyProblem as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
 
 
 def request_from(args: argparse.Namespace) -> dict[str, Any]:
