@@ -250,12 +250,19 @@ def _checked_id(instance_id: str) -> str:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
-    instance_id = _checked_id(args.instance_id)
+def _existing(text: str) -> InstanceRecord:
+    """The record of the instance named on the command line: exit 2 for a bad id, 1 for none."""
+    instance_id = _checked_id(text)
     check_broker()
     record = records().get(instance_id)
     if record is None:
         raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
+    return record
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    record = _existing(args.instance_id)
+    instance_id = record.instance_id
     if record.status is Status.DELETED:
         print(f"{instance_id} is already deleted")
         return EXIT_OK
@@ -307,12 +314,9 @@ def follow_delete(instance_id: str, sent: Any, timeout_s: float) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    instance_id = _checked_id(args.instance_id)
-    check_broker()
+    record = _existing(args.instance_id)
+    instance_id = record.instance_id
     started = time.monotonic()
-    record = records().get(instance_id)
-    if record is None:
-        raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
     ping_id = f"{guest_task_prefix(instance_id)}cliping.{uuid.uuid4().hex[:12]}"
     try:
         queues.publish(app, records().client, instance_id, "guest.ping", kwargs={"instance_id": instance_id},
@@ -337,11 +341,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_guest_env(args: argparse.Namespace) -> int:
-    instance_id = _checked_id(args.instance_id)
-    check_broker()
-    record = records().get(instance_id)
-    if record is None:
-        raise CliError(f"no instance {instance_id!r}", EXIT_FAILED)
+    record = _existing(args.instance_id)
+    instance_id = record.instance_id
     if record.status in (Status.DELETING, Status.DELETED):
         raise CliError(f"instance {instance_id} is {record.status.value}: its guest's credentials are revoked",
                        EXIT_FAILED)
