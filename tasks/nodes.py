@@ -82,6 +82,9 @@ class Lease:
             if self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
                 break
             holder = self.client.get(self.key)  # a str: the client decodes responses
+            if holder == self.value and self._swap(keys=[self.key], args=[holder, self.value, self.ttl_ms]):
+                # An earlier worker of this very process (an in-process test worker, say) that has stopped.
+                break
             if holder is not None and self._holder_is_dead_here(str(holder)):
                 if self._swap(keys=[self.key], args=[holder, self.value, self.ttl_ms]):
                     log.warning("node %s: took over the lease of its dead previous run (%s)", self.nodename, holder)
