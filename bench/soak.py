@@ -13,7 +13,7 @@ local guests. Meanwhile it crashes things, the way the drills in tests/test_dril
 
 At the end it prints how many were provisioned, lost (a provisioning that never reached
 ACTIVE or a delete that never reached DELETED), applied twice (a guest journal counting a
-prepare applied more than once), keys leaked (any broker key naming a deleted instance other
+prepare applied more than once), keys leaked (any broker key or ACL user naming a deleted instance other
 than its audit record), and the taskmanager's memory growth. It exits 1 unless the first
 three are zero.
 """
@@ -219,8 +219,10 @@ class Soak:
     def leaked_keys(self) -> list[str]:
         """Broker keys naming a soak instance, other than its audit record."""
         names = re.compile(rf"soak-{self.args.seed}-\d+(?![0-9])")
-        return sorted(k for k in self.client.scan_iter(count=1000)
-                      if names.search(k) and not k.startswith("berth:instance:"))
+        keys = [k for k in self.client.scan_iter(count=1000) if names.search(k) and not k.startswith("berth:instance:")]
+        # A deleted instance's guest keeps no broker user either.
+        users = [f"ACL user {u}" for u in self.client.execute_command("ACL", "USERS") if names.search(u)]
+        return sorted(keys + users)
 
     def run(self) -> int:
         BROKER.start()

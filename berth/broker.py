@@ -80,7 +80,7 @@ def admin_password(data_dir: Path) -> str:
     Only the control plane (taskmanager, command line, Flower) uses it; each guest gets a Redis
     ACL user of its own (tasks/credentials.py), so the default user is never password-less.
     """
-    path = data_dir / ADMIN_SECRET_FILE
+    path = private_dir(data_dir) / ADMIN_SECRET_FILE
     if not path.exists():
         _write_private(path, secrets.token_urlsafe(24) + "\n")
     return path.read_text().strip()
