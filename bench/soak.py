@@ -182,7 +182,7 @@ class Soak:
         self.counts[f"crash: {kind}"] += 1
 
     def cycle(self, n: int) -> None:
-        from workflows import submit
+        from workflows import submit, submit_delete
 
         instance_id = f"soak-{self.args.seed}-{n}"
         kind = self.rng.choices(list(GUEST_CRASHES), weights=list(GUEST_CRASHES.values()))[0]
@@ -200,9 +200,7 @@ class Soak:
         if any(a > 1 for a in applied):
             self.counts["applied twice"] += 1
             self.failures.append(f"{instance_id}: applied {applied}")
-        from tasks import app
-
-        retry(lambda: app.send_task("workflows.delete", args=[instance_id]), 60, "send delete")
+        retry(lambda: submit_delete(instance_id), 60, "submit delete")
         if self.wait_status(instance_id, {"DELETED"}) != "DELETED":
             self.counts["lost"] += 1
             self.failures.append(f"{instance_id}: delete never finished ({self.status(instance_id)})")

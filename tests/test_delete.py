@@ -135,3 +135,31 @@ def test_a_stale_redelivery_of_a_deleted_instances_request_brings_nothing_back(
     record = records.get(instance_id)
     assert record is not None and record.status is Status.DELETED
     assert keys_naming(instance_id) == [record_key(instance_id)]
+
+
+def test_a_recorded_delete_whose_message_is_lost_is_finished_by_the_reconciler(
+        new_id: Callable[[str], str], records: Records, taskmanager: Proc) -> None:
+    """`submit_delete` records DELETING before it sends: were the message lost (a taskmanager
+    killed between BRPOP and its unacked write), the reconciler runs the delete chain."""
+    import uuid
+
+    from workflows import mark_deleting
+
+    instance_id = new_id("dellost")
+    submit(instance_id, datastore="noop")
+    wait_for_status(records, instance_id, [Status.ACTIVE])
+    assert mark_deleting(instance_id, str(uuid.uuid4())) is Status.DELETING  # and no message at all
+    record = wait_for_status(records, instance_id, [Status.DELETED], timeout_s=90)
+    assert record["guest_shutdown"] == "done"
+    assert f"instance {instance_id}: delete chain stalled" in taskmanager.log()
+    assert keys_naming(instance_id) == [record_key(instance_id)]
+
+
+def test_submit_delete_refuses_a_bad_or_unknown_id_and_sends_nothing() -> None:
+    from tasks.errors import InvalidInstanceId
+    from workflows import submit_delete
+
+    with pytest.raises(InvalidInstanceId):
+        submit_delete("Bad_Id")
+    with pytest.raises(InstanceNotFound):
+        submit_delete("never-provisioned-here")

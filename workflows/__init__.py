@@ -12,6 +12,7 @@ Flower's send-task API (see `workflows.tasks.provision`), or with ``python -m wo
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from celery import chain
 from berth.ids import step_task_id
 from tasks import secrets
 from tasks.deletion import DELETE_STEPS, remove_instance, shutdown_guest
+from tasks.errors import InstanceNotFound
 from tasks.records import InstanceRecord, Status
 from tasks.runtime import records, redis_client
 from tasks.taskmanager import (
@@ -88,6 +90,68 @@ def provision_task() -> Any:
     return provision
 
 
+# A delete may start from these; the provisioning chain of a NEW or BUILD one stops at its next step.
+DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED)
+
+
+def mark_deleting(instance_id: str, request_id: str) -> Status | None:
+    """Record a delete request: DELETING, with its id, watched by the reconciler from now on.
+
+    Returns DELETED when there is nothing to delete, DELETING once recorded, None when the status
+    changed under us (a step finished): read it again and decide again. Raises InstanceNotFound.
+    """
+    record = records().get(instance_id)
+    if record is None:
+        raise InstanceNotFound(f"no instance {instance_id}")
+    if record.status is Status.DELETED:
+        return Status.DELETED
+    if record.status is Status.DELETING:
+        if record.get("delete_request_id") != request_id:
+            records().update(instance_id, delete_request_id=request_id)
+    elif not records().transition(instance_id, Status.DELETING, DELETABLE, "delete", deleted_from=record.status,
+                                  delete_requested_at=time.time(), delete_request_id=request_id):
+        return None
+    records().step_ran(instance_id)  # the reconciler watches the delete chain from here on
+    return Status.DELETING
+
+
+def submit_delete(instance_id: str) -> str:
+    """Delete durably: record the request (DELETING) first, then send it; return the request id.
+
+    Once this returns, the delete survives any crash: were its message lost, the reconciler
+    finds the DELETING record and runs the delete chain. Raises InvalidInstanceId,
+    InstanceNotFound, or kombu's OperationalError when the broker is down (if the record was
+    written before the publish failed, the delete still goes on).
+    """
+    instance_id = validated_id(instance_id)
+    request_id = str(uuid.uuid4())
+    for _ in range(20):
+        status = mark_deleting(instance_id, request_id)
+        if status is not None:
+            break
+        time.sleep(0.05)
+    if status is Status.DELETED:
+        return request_id
+    delete_task().apply_async(args=[instance_id], task_id=request_id)
+    return request_id
+
+
+def validated_id(instance_id: object) -> str:
+    from berth.spec import InvalidField, check_instance_id
+    from tasks.errors import from_invalid_field
+
+    try:
+        return check_instance_id(instance_id)
+    except InvalidField as exc:
+        raise from_invalid_field(exc) from exc
+
+
+def delete_task() -> Any:
+    from workflows.tasks import delete
+
+    return delete
+
+
 def delete_chain(instance_id: str, request_id: str) -> chain:
     """shutdown_guest -> remove_instance, with ids ``<instance id>.<step>.<delete request>``."""
     return chain(
@@ -115,4 +179,4 @@ def resume_chain(record: InstanceRecord, step: str) -> chain:
     return chain(*whole.tasks[names.index(step):])
 
 
-__all__ = ["STEPS", "delete_chain", "provision_chain", "resume_chain"]
+__all__ = ["STEPS", "delete_chain", "mark_deleting", "provision_chain", "resume_chain", "submit", "submit_delete"]

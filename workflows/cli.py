@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
@@ -27,11 +28,11 @@ from berth.keys import KeyProblem, check_master_key
 from berth.spec import InvalidField, check_instance_id
 from guest.launch import agent_command
 from tasks import app, credentials, queues, waiting
-from tasks.errors import InstanceExists, InvalidRequest, QueueMissing
+from tasks.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
 from tasks.records import FINAL, InstanceRecord, Status
 from tasks.runtime import records, result_client, setting
 from tasks.taskmanager import validated
-from workflows import submit
+from workflows import submit, submit_delete
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NO_TASKMANAGER = 0, 1, 2, 3, 4
 WAIT_MARGIN_S = 60.0
@@ -267,10 +268,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"{instance_id} is already deleted")
         return EXIT_OK
     try:
-        sent = app.send_task("workflows.delete", args=[instance_id])
-    except OperationalError as exc:
+        request_id = submit_delete(instance_id)
+    except (OperationalError, redis.RedisError) as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
-    print(f"deleting {instance_id} (request {sent.id})", flush=True)
+    except InstanceNotFound as exc:
+        raise CliError(str(exc), EXIT_FAILED) from exc
+    sent = AsyncResult(request_id, app=app)
+    print(f"deleting {instance_id} (request {request_id})", flush=True)
     if not args.wait:
         print(f"follow it with: python -m workflows show {instance_id}")
         return EXIT_OK

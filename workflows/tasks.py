@@ -3,19 +3,15 @@ Flower's API and the command line."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task
 
-from berth.spec import InvalidField, check_instance_id
 from tasks import app
-from tasks.errors import InstanceExists, InstanceNotFound, ProvisioningError, RequestFinished, from_invalid_field
+from tasks.errors import InstanceExists, ProvisioningError, RequestFinished
 from tasks.records import Status
 from tasks.runtime import records
-from workflows import delete_chain, provision_chain
-
-DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED)
+from workflows import delete_chain, mark_deleting, provision_chain, validated_id
 
 
 @app.task(name="workflows.provision", bind=True, throws=(ProvisioningError,))
@@ -48,29 +44,24 @@ def delete(self: Task, instance_id: str) -> dict[str, Any]:
     """Mark the instance DELETING (its provisioning chain stops), then start the delete chain.
 
     Deleting a DELETED instance changes nothing; running delete again on one stuck in DELETING
-    resumes it. Follow it with ``python -m workflows show ID`` or in Flower.
+    resumes it. A request recorded by `workflows.submit_delete` starts its chain here; a
+    redelivery of one whose chain was started starts nothing. Follow it with
+    ``python -m workflows show ID`` or in Flower.
     """
-    try:
-        instance_id = check_instance_id(instance_id)
-    except InvalidField as exc:
-        raise from_invalid_field(exc) from exc
+    instance_id = validated_id(instance_id)
     if records().is_finished(self.request.id):
         raise RequestFinished(f"delete request {self.request.id} for {instance_id} finished long ago: "
                               "a stale redelivery changes nothing")
     record = records().get(instance_id)
-    if record is None:
-        raise InstanceNotFound(f"no instance {instance_id}")
-    if record.status is Status.DELETED:
-        return {"instance_id": instance_id, "status": Status.DELETED.value}
-    if record.status is Status.DELETING:
-        if record.get("delete_request_id") == self.request.id:
-            # A redelivery of this request: its chain is on its way already.
-            return {"instance_id": instance_id, "status": Status.DELETING.value}
-        records().update(instance_id, delete_request_id=self.request.id)
-    elif not records().transition(instance_id, Status.DELETING, DELETABLE, "delete", deleted_from=record.status,
-                                  delete_requested_at=time.time(), delete_request_id=self.request.id):
+    if record is not None and record.status is Status.DELETING \
+            and record.get("delete_request_id") == self.request.id \
+            and record.get("delete_chain_sent") == self.request.id:
+        return {"instance_id": instance_id, "status": Status.DELETING.value}  # on its way already
+    status = mark_deleting(instance_id, self.request.id)
+    if status is None:
         # Its status changed under us (a step finished): read it again and decide again.
         raise self.retry(countdown=0.1, max_retries=5)
-    records().step_ran(instance_id)  # the reconciler watches the delete chain from here on
-    delete_chain(instance_id, self.request.id).apply_async()
-    return {"instance_id": instance_id, "status": Status.DELETING.value}
+    if status is Status.DELETING:
+        delete_chain(instance_id, self.request.id).apply_async()
+        records().update(instance_id, delete_chain_sent=self.request.id)
+    return {"instance_id": instance_id, "status": status.value}
