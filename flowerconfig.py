@@ -12,14 +12,9 @@ import os
 import secrets
 import sys
 
-from berth.paths import berth_home
+from berth.paths import berth_home, create_once
 
 if not os.environ.get("FLOWER_BASIC_AUTH"):
     _auth_file = berth_home() / "flower.auth"
-    if not _auth_file.exists():
-        _auth_file.parent.mkdir(parents=True, exist_ok=True)
-        _fd = os.open(_auth_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(_fd, "w") as _handle:
-            _handle.write(f"admin:{secrets.token_urlsafe(12)}\n")
-    basic_auth = [_auth_file.read_text().strip()]
+    basic_auth = [create_once(_auth_file, f"admin:{secrets.token_urlsafe(12)}\n").strip()]
     print(f"flower: basic auth required (user admin; password in {_auth_file})", file=sys.stderr)

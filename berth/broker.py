@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from berth.paths import broker_dir, broker_url_file
+from berth.paths import broker_dir, broker_url_file, create_once, replace_file
 
 
 class BrokerError(RuntimeError):
@@ -58,15 +58,6 @@ ADMIN_SECRET_FILE = "admin.secret"
 ACL_FILE = "users.acl"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def private_dir(data_dir: Path) -> Path:
     """The broker's folder, readable by its owner only: it holds the AOF, the ACL file, the password."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -80,18 +71,14 @@ def admin_password(data_dir: Path) -> str:
     Only the control plane (taskmanager, command line, Flower) uses it; each guest gets a Redis
     ACL user of its own (tasks/credentials.py), so the default user is never password-less.
     """
-    path = private_dir(data_dir) / ADMIN_SECRET_FILE
-    if not path.exists():
-        _write_private(path, secrets.token_urlsafe(24) + "\n")
-    return path.read_text().strip()
+    return create_once(private_dir(data_dir) / ADMIN_SECRET_FILE, secrets.token_urlsafe(24) + "\n").strip()
 
 
 def prepare_acl_file(data_dir: Path) -> Path:
     """The ACL file: users survive a restart (guests' users are saved into it with ACL SAVE)."""
     path = data_dir / ACL_FILE
-    if not path.exists():
-        digest = hashlib.sha256(admin_password(data_dir).encode()).hexdigest()
-        _write_private(path, f"user default on #{digest} ~* &* +@all\n")
+    digest = hashlib.sha256(admin_password(data_dir).encode()).hexdigest()
+    create_once(path, f"user default on #{digest} ~* &* +@all\n")
     return path
 
 
@@ -186,7 +173,7 @@ def serve() -> None:
     port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
     data_dir = private_dir(broker_dir())
     args = server_args(port, data_dir)
-    _write_private(broker_url_file(), admin_url(port, data_dir) + "\n")
+    replace_file(broker_url_file(), admin_url(port, data_dir) + "\n", mode=0o600)
     # Log to stdout under honcho, so its output shows next to the workers'.
     args[args.index("--logfile") + 1] = ""
     os.execv(args[0], args)

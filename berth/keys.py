@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from berth.paths import berth_home
+from berth.paths import berth_home, create_once
 
 KEY_BYTES = 32
 # A sealed value says what it is: passwords are checked against this before anything else.
@@ -89,24 +89,7 @@ def master_key() -> bytes:
 
 @functools.cache
 def _load_or_create(path_text: str) -> bytes:
-    path = Path(path_text)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole under another name, then linked into place: never half a key, and of two
-        # processes creating it at once, the first link wins and both read that one.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(b64(os.urandom(KEY_BYTES)) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    return _parse_key(path.read_text(), str(path))
+    return _parse_key(create_once(Path(path_text), b64(os.urandom(KEY_BYTES)) + "\n"), path_text)
 
 
 FINGERPRINT_KEY = "berth:master-key-fingerprint"

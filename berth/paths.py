@@ -34,3 +34,36 @@ def guests_root(home: Path | None = None) -> Path:
 def guest_dir(instance_id: str, home: Path | None = None) -> Path:
     """A guest's own disk: on a real cloud this is inside the VM."""
     return guests_root(home) / instance_id
+
+
+def replace_file(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write text to path whole or not at all: to a temporary file, on disk, then renamed over it.
+
+    A process killed mid-write leaves the old file, never half of a new one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def create_once(path: Path, text: str) -> str:
+    """path's content, after writing text there (mode 0600) if it did not exist yet.
+
+    Written whole under another name, then linked into place: never half a file, and of two
+    processes creating it at once, the first link wins and both read that one.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        replace_file(tmp, text, mode=0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text()

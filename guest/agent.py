@@ -6,7 +6,6 @@ arguments (a guest trusts nothing it did not check) and is idempotent by prepare
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -153,12 +152,10 @@ def _with_counts(journal: Journal, prepare_id: str) -> dict[str, Any]:
 
 def _late_by(expires: Any) -> float | None:
     """Seconds past the message's expiry (less the commit margin), or None if in time."""
-    if not expires:
+    expires_at = expiry_epoch(expires)
+    if expires_at is None:
         return None
-    when = expires if isinstance(expires, dt.datetime) else dt.datetime.fromisoformat(str(expires))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    late = time.time() - (when.timestamp() - COMMIT_MARGIN_S)
+    late = time.time() - (expires_at - COMMIT_MARGIN_S)
     return late if late > 0 else None
 
 

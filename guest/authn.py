@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 from berth.ids import guest_task_prefix
 from berth.keys import SIGNATURE_HEADER, GuestKey
+from berth.paths import replace_file
 
 RETARGETED = "retargeted"
 UNSIGNED = "unsigned"
@@ -77,12 +77,7 @@ class SpentIds:
         with self._lock:
             self._ids = {k: v for k, v in self._ids.items() if v > now}
             self._ids[task_id] = expires_at
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w") as handle:
-                json.dump(self._ids, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.replace(self.path)
+            replace_file(self.path, json.dumps(self._ids))
 
 
 def expiry_epoch(expires: object) -> float | None:

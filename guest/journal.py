@@ -8,9 +8,10 @@ applications are counted so that an operator can audit "delivered N, applied onc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from berth.paths import replace_file
 
 
 class Journal:
@@ -25,13 +26,8 @@ class Journal:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        # Write-then-rename: a guest killed mid-write leaves the old journal, never half of one.
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        # A guest killed mid-write leaves the old journal, never half of one.
+        replace_file(self.path, json.dumps(data))
 
     def delivered(self, prepare_id: str) -> int:
         data = self.read()
