@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# tests/test_browser.py drives Flower in a headless Chromium through the system chromedriver:
+# Debian's packages, installed by `make test` when missing (as root, or through sudo). `make run` needs no browser.
+BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: setup run test lint soak clean
+.PHONY: setup browser run test lint soak bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +16,24 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Checked on every run (two `command -v`), so a browser removed later is installed again.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	else echo "berth: chromium and chromedriver are missing, and installing them needs root or sudo:" \
+	          "run as root: apt-get update && apt-get install -y $(BROWSER_PACKAGES)" >&2; exit 1; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "berth: chromium and chromedriver are missing and there is no apt-get here (Debian's packages" \
+	       "$(BROWSER_PACKAGES)): install a chromium and its chromedriver on PATH yourself" >&2; exit 1; fi; \
+	echo "berth: installing $(BROWSER_PACKAGES) (apt-get) for tests/test_browser.py"; \
+	$$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) \
+	  >/dev/null || { echo "berth: could not install $(BROWSER_PACKAGES) with $${sudo:+sudo }apt-get (see above);" \
+	         "as root: apt-get update && apt-get install -y $(BROWSER_PACKAGES)" >&2; exit 1; }; \
+	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { echo "berth: $(BROWSER_PACKAGES) installed but chromium or chromedriver is still not on PATH" >&2; exit 1; }
+
 run: setup
 	$(PY) -m berth.run
 
@@ -20,8 +41,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint browser
 	$(PY) -m pytest
+
+# Not part of `make test`: every benchmark (bench/), its table written to BENCHMARKS.md (under 10 minutes).
+bench: setup
+	$(PY) -m bench.run
 
 # Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
 soak: setup

@@ -62,6 +62,12 @@ accept_content = ["json"]
 
 # --- Delivery --------------------------------------------------------------------------------
 task_default_queue = "taskmanager"
+# The guest API's tasks (workflows.list_users, ...) wait for a guest's answer: they run on their
+# own queue and worker (Procfile: guestapi), never in the slots the provisioning steps need.
+GUEST_API_QUEUE = "guestapi"
+task_routes = {f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in (
+    "get_status", "restart", "list_databases", "create_database", "delete_database",
+    "list_users", "create_user", "delete_user")}
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -110,3 +116,20 @@ berth_stall_after_s = _env_float("BERTH_STALL_AFTER_S", 30.0)
 berth_guest_stop_timeout_s = _env_float("BERTH_GUEST_STOP_TIMEOUT_S", 10.0)
 # How long `python -m workflows provision --wait` waits for a taskmanager to pick the request up.
 berth_pickup_timeout_s = _env_float("BERTH_PICKUP_TIMEOUT_S", 15.0)
+
+# --- Berth: heartbeats and the guest API (seconds) ----------------------------------------------
+# An ACTIVE guest reports its datastore's status this often (guest/heartbeat.py).
+berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 10.0)
+# No heartbeat for this long: the instance is UNKNOWN until one comes (Trove waits 90 s).
+berth_heartbeat_expiry_s = _env_float("BERTH_HEARTBEAT_EXPIRY_S", 35.0)
+# How often each taskmanager takes the heartbeats and looks for silent guests.
+berth_heartbeat_check_s = _env_float("BERTH_HEARTBEAT_CHECK_S", 1.0)
+# A guest API call first pings the guest when its last heartbeat is older than this.
+berth_heartbeat_stale_s = _env_float("BERTH_HEARTBEAT_STALE_S", 15.0)
+# That ping's timeout: a guest that does not answer fails the call at once.
+berth_guest_ping_timeout_s = _env_float("BERTH_GUEST_PING_TIMEOUT_S", 3.0)
+# How long a guest API call waits for the guest's answer (a cast does not wait; its message
+# expires after berth_guest_cast_ttl_s unless a guest ran it).
+berth_guest_call_timeout_s = _env_float("BERTH_GUEST_CALL_TIMEOUT_S", 10.0)
+berth_guest_call_timeout_max_s = _env_float("BERTH_GUEST_CALL_TIMEOUT_MAX_S", 120.0)
+berth_guest_cast_ttl_s = _env_float("BERTH_GUEST_CAST_TTL_S", 300.0)

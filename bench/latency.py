@@ -1,94 +1,104 @@
 """Provision -> ACTIVE with a live guest, against a bare Celery round trip in the same run.
 
-    .venv/bin/python -m bench.latency [--instances N]
+    .venv/bin/python -m bench.latency [--instances 200] [--round-trips 300] [--wave 20]
 
-Starts its own embedded broker, a taskmanager with 2 slots and, per instance, a guest agent
-(boot driver `none`, started before the provisioning, `noop` datastore, zero prepare time).
-Prints p50/p99 of both and their ratio. Figures are only comparable within one run.
+A private stack (its own embedded broker, a taskmanager with 2 worker processes). The baseline:
+``celery.accumulate`` (a no-op every worker has) sent to the taskmanager and its result read,
+one at a time. Berth: per instance, a real guest agent (boot driver ``none``, started and ready
+before the request, ``noop`` datastore: zero prepare time), then the provisioning chain sent
+and its last result read, one at a time: the same send -> result shape as the baseline. Guests
+start ``--wave`` at a time, in parallel, and stop once their instance is ACTIVE.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from bench.common import BenchStack, summary_ms
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+STEP_FIELDS = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
+               "prepare_sent_at", "active_at"]
 
 
-def guest_ready(guest: Any) -> Callable[[], bool]:
-    return lambda: " ready." in guest.log()
+def bare_round_trips(app: Any, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        app.send_task("celery.accumulate", args=[1]).get(timeout=10)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str, str]]:
+    """Live guests for ids, with their users and keys ahead of create_queue (as `guest-env` gives)."""
+    from tasks import app, credentials
+    from tasks.runtime import redis_client, result_client
+    from tests.helpers import guest_command, wait_until
+
+    guests, request_ids = [], {}
+    for instance_id in ids:
+        request_ids[instance_id] = uuid.uuid4().hex
+        credentials.mint(instance_id, request_ids[instance_id], redis_client(), result_client())
+        env = {**os.environ, **credentials.guest_env(instance_id, request_ids[instance_id], app.conf.broker_url,
+                                                     app.conf.result_backend)}
+        guests.append(stack.start(guest_command(instance_id), f"guest-{instance_id}", env=env))
+    for guest in guests:
+        wait_until(lambda: " ready." in guest.log(), 120, interval_s=0.1, message="guest ready")  # noqa: B023
+    return guests, request_ids
+
+
+def run(instances: int = 200, round_trips: int = 300, wave: int = 20) -> dict[str, Any]:
+    stack = BenchStack()
+    try:
+        stack.start_taskmanager()
+        from tasks import app
+        from tasks.runtime import records
+        from workflows import provision_chain
+
+        bare_round_trips(app, 20)  # warm up connections and the worker's pool
+        bare = bare_round_trips(app, round_trips)
+        berth: list[float] = []
+        steps: dict[str, list[float]] = {name.removesuffix("_at"): [] for name in STEP_FIELDS[1:]}
+        for first in range(0, instances, wave):
+            ids = [f"lat-{n}" for n in range(first, min(instances, first + wave))]
+            guests, request_ids = start_guests(stack, ids)
+            for instance_id in ids:
+                started = time.perf_counter()
+                provision_chain(instance_id, request_id=request_ids[instance_id], datastore="noop",
+                                boot="none").apply_async().get(timeout=30)
+                berth.append(time.perf_counter() - started)
+                record = records().get(instance_id)
+                assert record is not None and record.status.value == "ACTIVE", record
+                for a, b in zip(STEP_FIELDS, STEP_FIELDS[1:], strict=False):
+                    steps[b.removesuffix("_at")].append(record[b] - record[a])
+            for guest in guests:
+                guest.stop(timeout_s=5)
+                stack.procs.remove(guest)
+        result: dict[str, Any] = {
+            "bare_round_trip": summary_ms(bare), "provision_to_active": summary_ms(berth),
+            "steps_p50_ms": {name: summary_ms(values)["p50_ms"] for name, values in steps.items()}}
+        ratio = result["provision_to_active"]["p50_ms"] / result["bare_round_trip"]["p50_ms"]
+        result["ratio_p50"] = ratio
+        result["target"] = {"what": "Berth p50 <= 8 x the bare round trip p50", "met": ratio <= 8.0}
+        return result
+    finally:
+        stack.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.latency")
-    parser.add_argument("--instances", type=int, default=30)
+    parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--round-trips", type=int, default=300)
+    parser.add_argument("--wave", type=int, default=20)
     args = parser.parse_args()
-
-    from berth.broker import EmbeddedRedis
-
-    root = Path(tempfile.mkdtemp(prefix="berth-bench-"))
-    broker = EmbeddedRedis(root / "redis").start()
-    os.environ.update(CELERY_BROKER_URL=broker.url, CELERY_RESULT_BACKEND=broker.url, BERTH_HOME=str(root / "home"))
-    from tests.helpers import Proc, celery, guest_command, wait_until
-
-    taskmanager = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", "bench@%h",
-                              "-l", "WARNING"), root / "taskmanager.log")
-    guests: list[Proc] = []
-    try:
-        from tasks import app, credentials
-        from tasks.runtime import records, redis_client, result_client
-        from workflows import provision_chain
-
-        wait_until(lambda: app.control.inspect(timeout=1).ping(), 60, message="taskmanager up")
-        bare = []
-        for _ in range(args.round_trips):
-            started = time.perf_counter()
-            app.send_task("celery.accumulate", args=[1]).get(timeout=10)
-            bare.append(time.perf_counter() - started)
-        berth = []
-        for n in range(args.instances):
-            instance_id, request_id = f"bench-{n}", uuid.uuid4().hex
-            # A live guest before the request: its user and key exist ahead of create_queue
-            # (which mints the same user again), as an operator's `guest-env` would give them.
-            credentials.mint(instance_id, request_id, redis_client(), result_client())
-            env = {**os.environ, **credentials.guest_env(instance_id, request_id, app.conf.broker_url,
-                                                         app.conf.result_backend)}
-            guest = Proc(guest_command(instance_id), root / f"guest-{n}.log", env=env)
-            guests.append(guest)
-            wait_until(guest_ready(guest), 30, message="guest ready")
-            provision_chain(instance_id, request_id=request_id, datastore="noop", boot="none"
-                            ).apply_async().get(timeout=30)
-            record = records().get(instance_id)
-            assert record is not None
-            berth.append(record["active_at"] - record["created_at"])
-            if os.environ.get("BENCH_STEPS"):
-                steps = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
-                         "prepare_sent_at", "active_at"]
-                print(" ".join(f"{b.removesuffix('_at')}+{(record[b] - record[a]) * 1000:.1f}"
-                               for a, b in zip(steps, steps[1:], strict=False)))
-            guest.stop()
-        for name, values in (("bare round trip", bare), ("provision -> ACTIVE", berth)):
-            print(f"{name:<20} n={len(values):<4} p50={statistics.median(values) * 1000:7.1f} ms  "
-                  f"p99={percentile(values, 0.99) * 1000:7.1f} ms")
-        print(f"ratio p50: {statistics.median(berth) / statistics.median(bare):.1f} x the bare round trip")
-        return 0
-    finally:
-        for guest in guests:
-            guest.stop()
-        taskmanager.stop()
-        broker.stop()
+    print(json.dumps(run(args.instances, args.round_trips, args.wave), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

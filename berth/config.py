@@ -75,6 +75,12 @@ def _timing_problems(conf: Mapping[str, Any]) -> list[str]:
     if float(conf.get("berth_node_lease_s", 0.0)) < 1.0:
         problems.append("berth_node_lease_s (BERTH_NODE_LEASE_S) must be at least 1 s: a node renews its lease "
                         "every third of it")
+    interval = float(conf.get("berth_heartbeat_interval_s", 10.0))
+    expiry = float(conf.get("berth_heartbeat_expiry_s", 35.0))
+    if interval <= 0 or expiry < 2 * interval:
+        problems.append(f"berth_heartbeat_expiry_s ({expiry:g} s, BERTH_HEARTBEAT_EXPIRY_S) must be at least twice "
+                        f"berth_heartbeat_interval_s ({interval:g} s, BERTH_HEARTBEAT_INTERVAL_S), which must be "
+                        "positive: one late heartbeat would mark a healthy guest UNKNOWN")
     expires = float(conf.get("result_expires") or 0)
     needed = float(conf["berth_ping_deadline_max_s"]) + float(conf["berth_prepare_deadline_max_s"])
     if 0 < expires < needed:

@@ -113,6 +113,11 @@ def deadletter_key(instance_id: str) -> str:
     return f"berth:deadletter:{instance_id}"
 
 
+def heartbeat_key(instance_id: str) -> str:
+    """The guest's heartbeat list: it appends its reports, the taskmanager takes them."""
+    return f"berth:heartbeat:{instance_id}"
+
+
 def finished_request_key(request_id: str) -> str:
     """Marks a provisioning or delete request as finished (its instance DELETED): a late
     redelivery of its message is then refused instead of bringing the instance back."""

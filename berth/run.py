@@ -1,6 +1,7 @@
 """`make run`: the whole of Berth on this machine, with a demo instance, until Ctrl-C.
 
-Starts the embedded broker (unless CELERY_BROKER_URL names one), the taskmanager and Flower
+Starts the embedded broker (unless CELERY_BROKER_URL names one), the taskmanager, the guest API's
+worker and Flower
 from the Procfile with honcho, provisions a demo instance with a local guest and a real
 Redis datastore, prints each status change, how to connect, and Flower's address, then
 waits. Ctrl-C stops everything it started, local guests included.
@@ -41,7 +42,7 @@ def environment(home: Path) -> tuple[dict[str, str], list[str]]:
     env.update(BERTH_HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
     env.setdefault("BERTH_GUEST_STOP_TIMEOUT_S", "3")
-    processes = ["taskmanager", "flower"]
+    processes = ["taskmanager", "guestapi", "flower"]
     if not env.get("CELERY_BROKER_URL"):
         port = free_port()
         env["BERTH_BROKER_PORT"] = str(port)
@@ -76,7 +77,7 @@ def taskmanager_up() -> bool:
     from tasks import app
 
     replies = app.control.inspect(timeout=1.0).ping() or {}
-    return any(name.startswith("taskmanager@") for name in replies)
+    return all(any(name.startswith(f"{worker}@") for name in replies) for worker in ("taskmanager", "guestapi"))
 
 
 def next_demo_id() -> str:
@@ -116,6 +117,9 @@ def show_connection(instance_id: str, password: str) -> None:
     print(f"connect yourself:  {redis_cli_command()} -h {conn['host']} -p {conn['port']} --user {DEMO_USER} "
           f"--pass '{password}' GET {DEMO_DATABASE}:greeting")
     print(f"instance record:   python -m workflows show {instance_id}")
+    print(f"guest API:         python -m workflows users {instance_id}   (also: status, restart, databases, ...)")
+    print(f"metrics:           http://127.0.0.1:{os.environ.get('FLOWER_PORT', '5555')}/metrics  (berth_* next to "
+          "Flower's own)")
 
 
 def stop(honcho: subprocess.Popen[bytes]) -> None:
@@ -153,7 +157,7 @@ def main() -> int:
 
         print(f"broker:      {maybe_sanitize_url(env['CELERY_BROKER_URL'])}", flush=True)
         wait_for("the taskmanager", taskmanager_up)
-        print("taskmanager: ready (celery -A tasks worker -Q taskmanager)", flush=True)
+        print("taskmanager: ready (celery -A tasks worker -Q taskmanager; guest API: -Q guestapi)", flush=True)
         wait_for("Flower", lambda: flower_up(env["FLOWER_PORT"], env["FLOWER_BASIC_AUTH"]))
         user, _, flower_password = env["FLOWER_BASIC_AUTH"].partition(":")
         print(f"flower:      http://127.0.0.1:{env['FLOWER_PORT']}/  (user {user}, password {flower_password})",

@@ -108,18 +108,32 @@ def check_seconds(name: str, value: object, *, low: float, high: float, allow_ze
     return seconds
 
 
+def check_user_name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not USER_NAME_RE.fullmatch(value) or value in RESERVED_USER_NAMES:
+        raise InvalidField(field, f"{value!r} is not a valid user name (letter first, then "
+                           "letters, digits, '_' or '-', at most 32; not 'default' or 'berth-admin')")
+    return value
+
+
+def check_password(value: object, field: str) -> str:
+    # Never echo the password itself: this message may reach a log.
+    if not isinstance(value, str) or not PASSWORD_RE.fullmatch(value):
+        raise InvalidField(field, "must be 8-128 printable ASCII characters without spaces")
+    return value
+
+
+def check_database_name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not DATABASE_NAME_RE.fullmatch(value):
+        raise InvalidField(field, f"{value!r} is not a valid database name "
+                           "(lowercase letter first, then lowercase letters, digits or '_', at most 32)")
+    return value
+
+
 def check_user(value: object, index: int) -> User:
     where = f"users[{index}]"
     if not isinstance(value, Mapping) or set(value) != {"name", "password"}:
         raise InvalidField(where, "expected an object with exactly 'name' and 'password'")
-    name, password = value["name"], value["password"]
-    if not isinstance(name, str) or not USER_NAME_RE.fullmatch(name) or name in RESERVED_USER_NAMES:
-        raise InvalidField(f"{where}.name", f"{name!r} is not a valid user name (letter first, then "
-                           "letters, digits, '_' or '-', at most 32; not 'default' or 'berth-admin')")
-    # Never echo the password itself: this message may reach a log.
-    if not isinstance(password, str) or not PASSWORD_RE.fullmatch(password):
-        raise InvalidField(f"{where}.password", "must be 8-128 printable ASCII characters without spaces")
-    return User(name, password)
+    return User(check_user_name(value["name"], f"{where}.name"), check_password(value["password"], f"{where}.password"))
 
 
 def check_users(value: object) -> tuple[User, ...]:
@@ -140,9 +154,7 @@ def check_databases(value: object) -> tuple[str, ...]:
     if len(value) > MAX_DATABASES:
         raise InvalidField("databases", f"at most {MAX_DATABASES} databases")
     for i, name in enumerate(value):
-        if not isinstance(name, str) or not DATABASE_NAME_RE.fullmatch(name):
-            raise InvalidField(f"databases[{i}]", f"{name!r} is not a valid database name "
-                               "(lowercase letter first, then lowercase letters, digits or '_', at most 32)")
+        check_database_name(name, f"databases[{i}]")
     if len(set(value)) != len(value):
         raise InvalidField("databases", "database names must be unique")
     return tuple(value)

@@ -31,7 +31,7 @@ from guest.recovery import AgentRunning, hold_agent_lock
 app = Celery("guest")
 app.config_from_object("celeryconfig")
 app.conf.update(
-    include=["guest.agent"],
+    include=["guest.agent", "guest.api"],
     worker_prefetch_multiplier=1,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -138,6 +138,10 @@ class BindGuestQueue(bootsteps.Step):
 
 
 app.steps["worker"].add(BindGuestQueue)
+# Every berth_heartbeat_interval_s, the datastore's status on the guest's own list (guest/heartbeat.py).
+from guest.heartbeat import Heartbeat  # noqa: E402
+
+app.steps["worker"].add(Heartbeat)
 # What a previous run of this guest took and never acknowledged goes back to guest.ID when the
 # consumer connects, and again after a lost broker connection.
 app.steps["consumer"].add(RestoreOwnUnacked)

@@ -20,7 +20,7 @@ from berth import __version__
 from berth.keys import SealError
 from berth.paths import guest_dir
 from berth.spec import InvalidField, check_config, check_databases, check_users
-from guest import app, identity
+from guest import app, heartbeat, identity
 from guest.authn import expiry_epoch
 from guest.datastores import get_manager
 from guest.errors import InvalidMessage, PrepareError, WrongInstance
@@ -96,6 +96,7 @@ def prepare(self: Task, instance_id: str, datastore: str, users: list[dict[str, 
         raise PrepareError(f"prepare finished {late_by:.1f} s after its deadline and was rolled back")
     journal.applied(prepare_id, {"instance_id": own, "prepare_id": prepare_id, "connection": connection})
     log.info("prepare %s applied (delivery %d)", prepare_id, deliveries)
+    heartbeat.soon()
     return _with_counts(journal, prepare_id)
 
 
@@ -196,12 +197,25 @@ def shutdown(self: Task, instance_id: str, stop_agent: bool = True) -> dict[str,
     return {"instance_id": own, "datastores": datastores, **totals}
 
 
+def prepared_datastore(instance_id: str) -> str | None:
+    """The datastore prepare set up on this guest, or None before any prepare was applied."""
+    for result in Journal(guest_dir(instance_id)).read()["results"].values():
+        return str(result["connection"]["datastore"])
+    return None
+
+
+def datastore_status(instance_id: str) -> dict[str, Any] | None:
+    """The prepared datastore's status ({'datastore', 'status': 'running' | 'down' | ...}), or None."""
+    datastore = prepared_datastore(instance_id)
+    return None if datastore is None else get_manager(datastore, guest_dir(instance_id)).status()
+
+
 @app.task(name="guest.get_status")
 def get_status(instance_id: str) -> dict[str, Any]:
     own = own_instance(instance_id)
-    journal = Journal(guest_dir(own))
-    data = journal.read()
-    status: dict[str, Any] = {"instance_id": own, "version": __version__, "prepared": bool(data["results"])}
-    for result in data["results"].values():
-        status["datastore"] = get_manager(result["connection"]["datastore"], guest_dir(own)).status()
+    status: dict[str, Any] = {"instance_id": own, "version": __version__, "pid": os.getpid(),
+                              "prepared": prepared_datastore(own) is not None}
+    datastore = datastore_status(own)
+    if datastore is not None:
+        status["datastore"] = datastore
     return status

@@ -14,7 +14,9 @@ and no glob character, so no pattern reaches another guest's keys):
 - results of the tasks sent to it, ``celery-task-meta-ID.guest.*`` (and PUBLISH on that channel):
   task ids of guest-bound messages are ``ID.guest.<name>...``, those of the taskmanager's steps
   are not, so a guest can neither answer for another guest nor forge its own chain's results;
-- its dead-letter list ``berth:deadletter:ID``.
+- its dead-letter list ``berth:deadletter:ID``;
+- its heartbeat list ``berth:heartbeat:ID`` (RPUSH and LTRIM its own reports; the taskmanager takes
+  them, and checks each one's signature too).
 
 Nothing else: not the taskmanager queue, not the instance records, not the queue bindings (a
 guest that could add a binding could make the taskmanager's publishes land in another queue),
@@ -36,6 +38,7 @@ from berth.ids import (
     deadletter_key,
     guest_queue,
     guest_task_prefix,
+    heartbeat_key,
     record_key,
     unacked_keys,
 )
@@ -71,7 +74,8 @@ def user_name(instance_id: str) -> str:
 def key_patterns(instance_id: str) -> list[str]:
     queue = guest_queue(instance_id)
     return [queue, f"{queue}{KOMBU_SEP}*", *unacked_keys(instance_id).values(),
-            f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id)]
+            f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id),
+            heartbeat_key(instance_id)]
 
 
 def channel_patterns(instance_id: str) -> list[str]:
@@ -104,7 +108,13 @@ def _save(client: redis.Redis) -> None:
 
 
 def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
-    """Create (or reset) the guest's ACL user on the broker and the result backend; its name."""
+    """Create (or reset) the guest's ACL user on the broker and the result backend; its name.
+
+    The ACL file is written at once (ACL SAVE), so a broker that restarts right after still
+    knows the user a guest may be connecting with. ACL SAVE rewrites the whole file: its cost
+    grows with the number of users (63 ms with 1,000) and it holds the broker meanwhile; see
+    BENCHMARKS.md.
+    """
     password = acl_password(instance_id, request_id)
     for client in _clients(*clients):
         client.execute_command("ACL", "SETUSER", user_name(instance_id), *acl_rules(instance_id, password))
@@ -123,7 +133,7 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
 
 
 # Instances whose guest holds a user: minted by create_queue, revoked by delete (while DELETING).
-HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED"})
+HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
 
 
 def restore_missing(client: redis.Redis, *others: redis.Redis) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 from celery import Task
 
 from berth.ids import deadletter_key, guest_task_id
-from tasks import app, credentials, queues, waiting
+from tasks import app, credentials, heartbeats, queues, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import InstanceNotDeleting, InstanceNotFound
 from tasks.records import InstanceRecord, Status
@@ -150,6 +150,7 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
     # The guest's broker user first (Redis drops its connections): a guest still running
     # somewhere can write none of the keys removed next.
     credentials.revoke(instance_id, redis_client(), result_client())
+    heartbeats.forget(redis_client(), instance_id)
     removed = queues.remove_instance_keys(redis_client(), result_client(), instance_id,
                                           extra_task_ids=(record["request_id"],))
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",

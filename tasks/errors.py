@@ -78,3 +78,19 @@ def from_invalid_field(exc: ValueError) -> InvalidRequest:
     problem = getattr(exc, "problem", str(exc))
     cls = InvalidInstanceId if field == "instance_id" else InvalidRequest
     return cls(field, problem)
+
+
+class StillWaiting(ProvisioningError):
+    """Not an error: why a step retries (shown with its RETRY state in Flower and the log)."""
+
+
+class InstanceNotServing(ProvisioningError):
+    """The guest API needs an ACTIVE, SHUTDOWN or UNKNOWN instance."""
+
+
+class GuestTimeout(ProvisioningError):
+    """The guest did not answer a call within its timeout."""
+
+
+class GuestError(ProvisioningError):
+    """The guest answered a call with an error (it names what was wrong)."""

@@ -78,9 +78,21 @@ def signing_for(instance_id: str, key: GuestKey) -> Iterator[None]:
         _signing.reset(token)
 
 
+# Tasks taking a password, and how many positional arguments they accept before it: a password
+# by position would be neither masked nor sealed, so such a message is refused before it is built.
+POSITIONAL_LIMITS = {"workflows.create_user": 2, "guest.create_user": 1}
+
+
 class MaskingAMQP(AMQP):
     def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
                    *rest: Any, **options: Any) -> Any:
+        limit = POSITIONAL_LIMITS.get(name)
+        if limit is not None and len(args or ()) > limit:
+            from tasks.errors import InvalidRequest
+
+            raise InvalidRequest("args", f"{name} takes at most {limit} positional argument(s); give the password "
+                                         "as a keyword (--kwargs '{\"password\": ...}'): keywords are masked and "
+                                         "sealed, positions are not. Nothing was sent")
         if holds_secret(args) or holds_secret(kwargs):
             options["argsrepr"] = saferepr(masked(list(args or ())), maxlen=REPR_MAX)
             options["kwargsrepr"] = saferepr(masked(dict(kwargs or {})), maxlen=REPR_MAX)

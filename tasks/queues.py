@@ -22,6 +22,7 @@ from berth.ids import (
     deadletter_key,
     guest_queue,
     guest_task_prefix,
+    heartbeat_key,
     queue_lists,
     result_key,
     secrets_key,
@@ -67,9 +68,9 @@ def forget_unacked(client: redis.Redis, instance_id: str) -> None:
 
 def instance_keys(client: redis.Redis, instance_id: str) -> list[str]:
     """The instance's keys on the broker, except its record: its queue (every priority list),
-    the queue's bindings, its guest's unacked keys, its secrets and its dead letters."""
+    the queue's bindings, its guest's unacked keys, its secrets, its dead letters and heartbeats."""
     keys = [*queue_lists(instance_id), *binding_keys(instance_id), *unacked_keys(instance_id).values(),
-            secrets_key(instance_id), deadletter_key(instance_id)]
+            secrets_key(instance_id), deadletter_key(instance_id), heartbeat_key(instance_id)]
     return [k for k in keys if client.exists(k)]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from berth.ids import RECORD_INDEX_KEY, finished_request_key, record_key
+from berth.metrics import TRANSITIONS_KEY, count_transition, transition_line
 from berth.spec import ProvisionRequest
 from tasks.errors import InstanceExists, RequestFinished
 
@@ -32,6 +33,10 @@ class Status(StrEnum):
     # Delete under way: the chain stops at its next step, the guest is shut down, keys removed.
     DELETING = "DELETING"
     DELETED = "DELETED"
+    # After ACTIVE, from the guest's heartbeats (tasks/heartbeats.py): its datastore is down ...
+    SHUTDOWN = "SHUTDOWN"
+    # ... or its heartbeats stopped for longer than the expiry. A heartbeat again makes it ACTIVE.
+    UNKNOWN = "UNKNOWN"
 
 
 class Reason(StrEnum):
@@ -43,27 +48,34 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
-FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED})
+FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED, Status.SHUTDOWN, Status.UNKNOWN})
+# A provisioned instance: its guest heartbeats and answers the guest API.
+SERVING = frozenset({Status.ACTIVE, Status.SHUTDOWN, Status.UNKNOWN})
 # Instances with a chain under way (BUILD, DELETING), scored by when a step of theirs last ran:
 # what `tasks.reconcile` watches for a chain whose message was lost.
 INFLIGHT_KEY = "berth:inflight"
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
 INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",
-                        "prepare_rolled_back", "dead_letters", "keys_removed", "guest_user_revoked"})
+                        "prepare_rolled_back", "dead_letters", "keys_removed", "guest_user_revoked", "heartbeat_seq",
+                        "heartbeats"})
 
-# KEYS[1] record; ARGV: new status, number of allowed old statuses, those statuses, then
-# field/value pairs. Returns {1, old} when applied, {0, old or false} when refused.
+# KEYS[1] record, KEYS[2] the transition counts (berth.metrics). ARGV: new status, now, number of
+# allowed old statuses, those statuses, then field/value pairs. Returns {1, old, since} when
+# applied (since: the previous status_changed_at, or created_at), {0, old or false} when refused.
+# The count is best effort (pcall): a metrics key in a bad state never fails a transition.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, false} end
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local ok = false
-for i = 3, 2 + n do if ARGV[i] == cur then ok = true end end
+for i = 4, 3 + n do if ARGV[i] == cur then ok = true end end
 if not ok then return {0, cur} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 3 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return {1, cur}
+local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'created_at') or ''
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_changed_at', ARGV[2])
+for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.pcall('HINCRBY', KEYS[2], cur .. '|' .. ARGV[1], 1)
+return {1, cur, since}
 """
 
 
@@ -216,18 +228,46 @@ class Records:
 
     def transition(self, instance_id: str, to: Status, allowed_from: Iterable[Status],
                    step: str, **fields: Any) -> bool:
-        """Move to ``to`` only from one of ``allowed_from``; log it. False if refused."""
+        """Move to ``to`` only from one of ``allowed_from``; log and count it. False if refused.
+
+        Records ``status_changed_at``; the log line says how long the instance was in its old status.
+        """
         allowed = [s.value for s in allowed_from]
-        fields["updated_at"] = time.time()
+        now = time.time()
+        fields["updated_at"] = now
         pairs: list[str] = []
         for name, value in fields.items():
             pairs += [name, _encode(name, value)]
-        applied, old = self._transition(keys=[record_key(instance_id)],
-                                        args=[to.value, len(allowed), *allowed, *pairs])
+        applied, old, *rest = self._transition(keys=[record_key(instance_id), TRANSITIONS_KEY],
+                                               args=[to.value, str(now), len(allowed), *allowed, *pairs])
         if applied and to in FINAL:
             self.client.zrem(INFLIGHT_KEY, instance_id)
         if applied:
-            detail = " ".join(f"{k}={fields[k]}" for k in ("reason", "error") if k in fields)
-            log.info("instance %s: %s -> %s (step=%s)%s", instance_id, old, to.value, step,
-                     f" {detail}" if detail else "")
+            try:
+                since: float | None = max(0.0, now - float(text(rest[0])))
+            except (IndexError, ValueError):
+                since = None
+            log.info("%s", transition_line(instance_id, text(old), to.value, step, fields, since))
         return bool(applied)
+
+
+def log_transition(instance_id: str, old: str, new: str, step: str, fields: dict[str, Any],
+                   duration_s: float | None = None, *, client: redis.Redis | None = None) -> None:
+    """Log and count one status change: for writers that change a status themselves, once applied.
+
+    One line, human text then a JSON object (`berth.metrics.transition_line`), e.g.
+    ``instance db-1: ACTIVE -> UNKNOWN (step=heartbeat) {"event": "transition", "instance_id": "db-1",
+    "from": "ACTIVE", "to": "UNKNOWN", "step": "heartbeat", "duration_s": 31.2, "error": "..."}``.
+    ``duration_s``: seconds the instance spent in ``old``. `Records.transition` logs the same line
+    and counts in its Lua call. The count goes to ``client``, or to this process's broker Redis
+    (`tasks.runtime.redis_client`); best effort: a failure is logged, never raised.
+    """
+    log.info("%s", transition_line(instance_id, old, new, step, fields, duration_s))
+    try:
+        if client is None:
+            from tasks.runtime import redis_client
+
+            client = redis_client()
+        count_transition(client, old, new)
+    except Exception as exc:  # noqa: BLE001 - a metric never fails a transition that happened
+        log.warning("instance %s: transition %s -> %s not counted: %s", instance_id, old, new, exc)

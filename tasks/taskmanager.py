@@ -16,17 +16,18 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
+from berth import metrics
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.failpoints import failpoint
 from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
 from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
-from tasks import app, credentials, queues, secrets, waiting
+from tasks import app, credentials, heartbeats, queues, secrets, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import (
     BootFailed,
@@ -39,9 +40,10 @@ from tasks.errors import (
     PrepareTimeout,
     ProvisioningError,
     RequestFinished,
+    StillWaiting,
     from_invalid_field,
 )
-from tasks.records import InstanceRecord, Reason, Status
+from tasks.records import SERVING, InstanceRecord, Reason, Status
 from tasks.runtime import limits, records, redis_client, result_client, setting
 
 log = logging.getLogger("berth.taskmanager")
@@ -184,15 +186,29 @@ class Step(Task):
         instance_id = instance_of(args, kwargs)
         if isinstance(instance_id, str):
             records().step_ran(instance_id)
+            try:
+                # The step's first run, for its duration (berth_step_duration_seconds).
+                metrics.step_started(records(), instance_id, self.name.rsplit(".", 1)[-1], task_id)
+            except Exception as exc:  # noqa: BLE001 - a metric never fails a step
+                log.warning("instance %s: start of %s not recorded for metrics: %s", instance_id, self.name, exc)
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """A chain stopped by delete takes its results with it, then tells delete it has stopped.
+        """A step of the instance's own chain that succeeded is observed for metrics, once.
+
+        A chain stopped by delete takes its results with it, then tells delete it has stopped.
 
         Celery stores the stopping step's failure, and the same failure for every step after it,
         before this runs; delete waits for ``chain_stopped_at`` so that no result of the instance
         appears after delete removed them.
         """
         instance_id = instance_of(args, kwargs)
+        if status == states.SUCCESS and isinstance(instance_id, str):
+            try:
+                # Observed once per step of the instance's own chain, logged as a structured line.
+                metrics.step_succeeded(records(), instance_id, self.name.rsplit(".", 1)[-1], task_id,
+                                       retries=int(self.request.retries or 0))
+            except Exception as exc:  # noqa: BLE001 - a metric never fails a step
+                log.warning("instance %s: %s not observed for metrics: %s", instance_id, self.name, exc)
         if not isinstance(retval, InstanceNotBuilding) or not isinstance(instance_id, str):
             return
         record = records().get(instance_id)
@@ -316,7 +332,9 @@ def ping_guest(self: Task, instance_id: str) -> str:
     records().update(instance_id, ping_attempts=attempt + 1)
     if pong:
         return _guest_ready(instance_id, pong, 1)
-    raise self.retry(countdown=countdown)
+    raise self.retry(countdown=countdown, exc=StillWaiting(
+        f"instance {instance_id}: waiting for guest, ping {attempt + 1} unanswered, "
+        f"{max(0.0, deadline_at - now):.1f} s left, next ping in {countdown:.2f} s"))
 
 
 @app.task(base=Step, name="taskmanager.send_prepare", bind=True)
@@ -350,9 +368,14 @@ def send_prepare(self: Task, instance_id: str) -> str:
 def verify(self: Task, instance_id: str) -> dict[str, Any]:
     """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
     current = records().get(instance_id)
-    if current is not None and current.status is Status.ACTIVE:
+    if current is not None and current.status in SERVING:
+        # Made ACTIVE already: by a run of this step before a redelivery, or by the taskmanager's
+        # listener the moment the guest answered (tasks/answers.py); and maybe a heartbeat since.
+        # Watched, whatever stopped the first run between its transition and its watch.
+        heartbeats.watch(redis_client(), instance_id, time.time(), only_new=True)
         return summary(current)
-    record = _building(instance_id)
+    # One read decides: the listener may make it ACTIVE any moment now, and _activate copes.
+    record = current if current is not None and current.status is Status.BUILD else _building(instance_id)
     attempt, now = self.request.retries, time.time()
     deadline_at = float(record["prepare_deadline_at"])
     wait_s = setting("verify_reply_wait_s") if attempt == 0 else 0.0
@@ -366,19 +389,23 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
         # REVOKED: the guest received prepare after it expired and did not run it.
         _fail(instance_id, Reason.PREPARE_TIMEOUT, "verify",
               f"prepare not done within {record['prepare_deadline_s']:g} s", PrepareTimeout)
-    raise self.retry(countdown=next_countdown(
-        attempt, now=now, deadline_at=deadline_at,
-        base_s=setting("verify_backoff_base_s"), cap_s=setting("verify_backoff_cap_s")))
+    countdown = next_countdown(attempt, now=now, deadline_at=deadline_at,
+                               base_s=setting("verify_backoff_base_s"), cap_s=setting("verify_backoff_cap_s"))
+    raise self.retry(countdown=countdown, exc=StillWaiting(
+        f"instance {instance_id}: waiting for prepare, {max(0.0, deadline_at - now):.1f} s left"))
 
 
 def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
     records().transition(instance_id, Status.ACTIVE, [Status.BUILD], "verify",
-                         active_at=time.time(), connection=result.get("connection") or {},
-                         **audit_counts(result))
+                         active_at=now, connection=result.get("connection") or {}, **audit_counts(result))
     secrets.drop(redis_client(), instance_id)
     record = records().get(instance_id)
     assert record is not None
-    if record.status is not Status.ACTIVE:
+    if record.status in SERVING:
+        # From now on its guest's heartbeats keep its status; silence counts from here.
+        heartbeats.watch(redis_client(), instance_id, now, only_new=True)
+    else:
         raise InstanceNotBuilding(f"instance {instance_id} is {record.status.value}: not made ACTIVE")
     return summary(record)
 

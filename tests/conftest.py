@@ -21,9 +21,16 @@ from tests.helpers import Proc, celery, guest_command, guest_env, unique_id, wai
 _session: dict[str, Any] = {}
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that only hands tests to xdist workers (each worker has its own stack)."""
+    return bool(getattr(config.option, "numprocesses", None)) and "PYTEST_XDIST_WORKER" not in os.environ
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from berth.broker import EmbeddedRedis
 
+    if _xdist_controller(config):
+        return
     root = Path(tempfile.mkdtemp(prefix="berth-test-"))
     _session["root"] = root
     os.environ["BERTH_HOME"] = str(root / "home")
@@ -37,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tasks.drivers import LocalDriver
 
+    if "root" not in _session:
+        return
     LocalDriver().stop_all(timeout_s=3)
     if "server" in _session:
         _session["server"].stop()
@@ -51,9 +60,10 @@ def session_root() -> Path:
 
 @pytest.fixture(scope="session")
 def taskmanager(session_root: Path) -> Iterator[Proc]:
-    """A real taskmanager worker process (2 prefork slots), shared by the session."""
+    """A real taskmanager worker process (2 prefork slots), shared by the session; it also serves
+    the guest API's queue (a separate worker in the Procfile)."""
     name = f"taskmanager-{os.getpid()}@%h"
-    proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", name,
+    proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager,guestapi", "-c", "2", "-n", name,
                        "-E", "-l", "INFO"), session_root / "logs" / "taskmanager.log")
     wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, message="taskmanager ready")
     assert proc.alive(), proc.log()

@@ -152,3 +152,25 @@ def wait_for_status(records: Any, instance_id: str, statuses: Any = ("ACTIVE", "
         return record if record is not None and record.status.value in wanted else None
 
     return wait_until(reached, timeout_s, message=f"{instance_id} in {sorted(wanted)}")
+
+
+def start_flower(log_path: Path, auth: str, **env: str) -> tuple[Proc, str]:
+    """A real Flower (`celery -A tasks flower`) with basic auth on a free port, once it answers; its base URL."""
+    import urllib.request
+
+    from berth.broker import free_port
+
+    port = free_port()
+    proc = Proc(celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}"), log_path,
+                env=project_env(FLOWER_BASIC_AUTH=auth, **env))
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/healthcheck", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_until(up, 60, interval_s=0.2, message="flower answering")
+    return proc, base

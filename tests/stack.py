@@ -25,7 +25,7 @@ class Stack:
         self.taskmanagers: list[Proc] = []
 
     def start_taskmanager(self, name: str = "tm", **extra_env: str) -> Proc:
-        proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager", "-c", "2", "-n", f"{name}@%h",
+        proc = Proc(celery("-A", "tasks", "worker", "-Q", "taskmanager,guestapi", "-c", "2", "-n", f"{name}@%h",
                            "-l", "INFO"), self.root / "logs" / f"{name}-{len(self.taskmanagers)}.log",
                     env={**self.env, **extra_env})
         self.taskmanagers.append(proc)

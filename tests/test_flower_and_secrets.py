@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,10 +14,11 @@ from typing import Any
 import pytest
 
 from berth.broker import free_port
+from berth.ids import step_task_id
 from berth.paths import guests_root
 from tasks.records import Records, Status
 from tasks.runtime import redis_client
-from tests.helpers import Proc, celery, project_env, wait_for_status, wait_until
+from tests.helpers import Proc, celery, project_env, start_flower, wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
@@ -25,8 +27,8 @@ PASSWORD = "Sup3r-Secret-Value-42"
 
 
 class Flower:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, base: str) -> None:
+        self.base = base
 
     def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -52,20 +54,8 @@ def dump(client: Any, key: str) -> Any:
 
 @pytest.fixture(scope="module")
 def flower(session_root: Path) -> Iterator[Flower]:
-    port = free_port()
-    proc = Proc(celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}"),
-                session_root / "logs" / "flower.log", env=project_env(FLOWER_BASIC_AUTH=AUTH))
-    client = Flower(port)
-
-    def up() -> bool:
-        try:
-            client.call("/api/workers")
-            return True
-        except OSError:
-            return False
-
-    wait_until(up, 60, interval_s=0.2, message="flower answering")
-    yield client
+    proc, base = start_flower(session_root / "logs" / "flower.log", AUTH)
+    yield Flower(base)
     proc.stop()
 
 
@@ -83,6 +73,70 @@ def test_flower_send_task_api_starts_a_provisioning(flower: Flower, new_id: Call
         "taskmanager.create_queue", "taskmanager.ping_guest", "taskmanager.verify"} and True, 20,
                        message="steps in flower")
     assert tasks
+
+
+def test_flower_send_task_api_deletes_an_active_instance(flower: Flower, new_id: Callable[[str], str],
+                                                        records: Records) -> None:
+    instance_id = new_id("fdl")
+    flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {"datastore": "noop"}})
+    assert wait_for_status(records, instance_id, [Status.ACTIVE]).status is Status.ACTIVE
+    reply = flower.call("/api/task/send-task/workflows.delete", {"args": [instance_id]})
+    assert reply["task-id"]
+    record = wait_for_status(records, instance_id, [Status.DELETED], timeout_s=45)
+    assert record.status is Status.DELETED
+    assert record.get("guest_shutdown") and record.get("guest_user_revoked")
+
+    # Flower shows the request and the delete chain's steps, the instance id in their arguments
+    # (remove_instance records DELETED before it returns: its own success comes just after).
+    def delete_shown() -> dict[str, str]:
+        tasks = flower.call("/api/tasks?limit=1000")
+        shown = {t["name"]: t["state"] for t in tasks.values() if instance_id in str(t.get("args"))
+                 and t["name"] in ("taskmanager.shutdown_guest", "taskmanager.remove_instance")}
+        shown["request"] = tasks.get(reply["task-id"], {}).get("state", "")
+        done = len(shown) == 3 and all(state in ("SUCCESS", "FAILURE") for state in shown.values())
+        return shown if done else {}
+
+    shown = wait_until(delete_shown, 20, message="the delete's tasks finished in flower")
+    assert shown == {"taskmanager.shutdown_guest": "SUCCESS", "taskmanager.remove_instance": "SUCCESS",
+                     "request": "SUCCESS"}, shown
+
+
+def test_ping_retries_of_a_late_guest_show_in_flower_with_their_reason(
+        flower: Flower, new_id: Callable[[str], str], records: Records) -> None:
+    """The guest boots 2 s late: ping_guest retries, and Flower shows it RETRY with the reason."""
+    instance_id = new_id("frt")
+    reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {
+        "datastore": "noop", "boot_delay_s": 2.0}})
+    # The request's task id is its request id: the ping step's task id follows from it.
+    ping_id = step_task_id(instance_id, reply["task-id"], "ping_guest")
+    seen: list[dict[str, Any]] = []
+
+    def ping_info() -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = flower.call(f"/api/task/info/{ping_id}")
+        except OSError:  # 404 until Flower has heard of the task
+            return {}
+        if not seen or (info["state"], info["retries"]) != (seen[-1]["state"], seen[-1]["retries"]):
+            seen.append(info)
+        return info if info["state"] == "SUCCESS" else {}
+
+    # Watched as a user refreshing Flower would, every 0.1 s until ping_guest succeeds.
+    info = wait_until(ping_info, 30, interval_s=0.1, message="ping_guest's success in flower")
+    assert wait_for_status(records, instance_id, [Status.ACTIVE, Status.FAILED]).status is Status.ACTIVE
+    retrying = [i for i in seen if i["state"] == "RETRY"]
+    assert retrying, f"ping_guest was never seen in state RETRY: {[(i['state'], i['retries']) for i in seen]}"
+    waiting = re.compile(rf"^StillWaiting\('instance {instance_id}: waiting for guest, ping (\d+) unanswered, "
+                         r"[\d.]+ s left, next ping in [\d.]+ s'\)$")
+    for shown in retrying:
+        match = waiting.match(shown["exception"])
+        assert match, shown["exception"]
+        # The RETRY row tells which ping went unanswered: the one before the retry Flower counts.
+        assert int(match.group(1)) in (shown["retries"], shown["retries"] + 1), shown
+    # One task, retried: SUCCESS in the end, its retries counted, the last retry's reason kept.
+    assert info["name"] == "taskmanager.ping_guest" and instance_id in info["args"]
+    assert info["retries"] >= 1 and info["result"] == repr(instance_id)
+    last = waiting.match(info["exception"] or "")
+    assert last and int(last.group(1)) == info["retries"], info
 
 
 def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(

@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import json
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -366,14 +367,19 @@ def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack:
     mints the live instances' users again, and their guests carry on as before."""
     from berth.broker import ACL_FILE
 
-    stack.start_taskmanager()
+    tm = stack.start_taskmanager()
     out = stack.cli("provision", "lost-1", "--datastore", "noop", "--wait")
     assert out.returncode == 0, out.stdout + out.stderr
-    stack.broker.kill()
-    (stack.root / "redis" / ACL_FILE).unlink()  # restarts with its admin user only
-    stack.broker.start()
-    client = stack.client()
-    assert "guest.lost-1" not in client.execute_command("ACL", "USERS")
+    # The taskmanager frozen meanwhile, so that nothing mints the user before we look.
+    tm.signal(signal.SIGSTOP)
+    try:
+        stack.broker.kill()
+        (stack.root / "redis" / ACL_FILE).unlink()  # restarts with its admin user only
+        stack.broker.start()
+        client = stack.client()
+        assert "guest.lost-1" not in client.execute_command("ACL", "USERS")
+    finally:
+        tm.signal(signal.SIGCONT)
     wait_until(lambda: "guest.lost-1" in client.execute_command("ACL", "USERS"), 30, message="user minted again")
     pong = stack.cli("ping", "lost-1", "--timeout", "30")
     assert pong.returncode == 0, pong.stdout + pong.stderr

@@ -53,8 +53,8 @@ def test_cli_provision_wait_prints_each_step_and_exits_zero_on_active(new_id: Ca
     instance_id = new_id("cli")
     out = run(sys.executable, "-m", "workflows", "provision", instance_id, "--datastore", "noop", "--wait")
     assert out.returncode == 0, out.stdout + out.stderr
-    for line in (f"queue guest.{instance_id} created", "guest booted (driver local)", "ping 1 sent",
-                 "guest answered", "prepare sent", "ACTIVE"):
+    for line in (f"queue guest.{instance_id} created (+", "guest booted (driver local) (+", "guest answered ping ",
+                 "prepare sent (+", "ACTIVE (+"):
         assert f"{instance_id}: {line}" in out.stdout, out.stdout
     shown = json.loads(run(sys.executable, "-m", "workflows", "show", instance_id).stdout)
     assert shown["status"] == "ACTIVE" and shown["active_at"].endswith("+00:00")
@@ -210,3 +210,65 @@ def _soon() -> Any:
     import datetime as dt
 
     return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+
+
+def test_cli_provision_wait_shows_the_wait_for_a_late_guest_with_attempts_and_time_left(
+        new_id: Callable[[str], str]) -> None:
+    instance_id = new_id("clil")
+    out = run(sys.executable, "-m", "workflows", "provision", instance_id, "--datastore", "noop",
+              "--boot-delay", "1.5", "--ping-deadline", "20", "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line.removeprefix(f"{instance_id}: ") for line in out.stdout.splitlines()]
+    waiting = [line for line in lines if line.startswith("waiting for guest: ping ")]
+    assert len(waiting) >= 2, out.stdout
+    attempts = [int(line.split()[4]) for line in waiting]
+    left = [float(line.split(", ")[1].split()[0]) for line in waiting]
+    assert attempts == sorted(set(attempts)), "one line per ping, in order"
+    assert left == sorted(left, reverse=True) and 0 < left[-1] < 20
+    order = [next(i for i, line in enumerate(lines) if line.startswith(prefix)) for prefix in (
+        "queue guest.", "guest booted", "waiting for guest", "guest answered ping", "prepare sent", "ACTIVE")]
+    assert order == sorted(order), out.stdout
+
+
+def test_on_a_terminal_the_wait_is_one_line_rewritten_in_place_and_its_last_state_stays() -> None:
+    import io
+
+    from workflows.cli import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    progress = Progress("db-1", out)
+    created = "queue guest.db-1 created (+0.01 s)"
+    for lines in ([created], [created, "waiting for guest: ping 1 sent, 9.9 s left"],
+                  [created, "waiting for guest: ping 1 sent, 9.8 s left"],
+                  [created, "waiting for guest: ping 2 sent, 9.5 s left"],
+                  [created, "guest answered ping 2 (agent 0.1.0) (+0.5 s)"]):
+        progress.show(lines)
+    shown = out.getvalue()
+    assert shown.count(created) == 1
+    # Each state of the wait overwrites the last (carriage return, erase line), none ends a line ...
+    assert shown.count("\r\033[Kdb-1: waiting for guest: ping ") == 3
+    # ... until the guest answers: the wait's last state stays, the answer goes on the next line.
+    assert shown.endswith("ping 2 sent, 9.5 s left\ndb-1: guest answered ping 2 (agent 0.1.0) (+0.5 s)\n")
+
+
+@pytest.mark.usefixtures("taskmanager")
+def test_a_long_prepare_is_seen_done_the_moment_the_guest_answers(new_id: Callable[[str], str],
+                                                                 records: Records) -> None:
+    """verify looks with backoff (up to 1 s apart); the taskmanager's listener sees the answer's publish."""
+    import datetime as dt
+
+    from berth.ids import prepare_task_id, result_key
+    from tasks.runtime import redis_client
+    from workflows import submit
+
+    instance_id = new_id("long")
+    submit(instance_id, datastore="noop", config={"prepare_seconds": 2.0})
+    record = wait_for_status(records, instance_id)
+    assert record.status is Status.ACTIVE
+    meta = json.loads(redis_client().get(result_key(prepare_task_id(instance_id, record["request_id"]))) or "{}")
+    done = dt.datetime.fromisoformat(meta["date_done"]).replace(tzinfo=dt.UTC).timestamp()
+    assert 0 <= record["active_at"] - done < 0.25, record["active_at"] - done

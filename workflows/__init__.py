@@ -91,7 +91,7 @@ def provision_task() -> Any:
 
 
 # A delete may start from these; the provisioning chain of a NEW or BUILD one stops at its next step.
-DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED)
+DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED, Status.SHUTDOWN, Status.UNKNOWN)
 
 
 def mark_deleting(instance_id: str, request_id: str) -> Status | None:

@@ -1,4 +1,5 @@
-"""The command line: ``python -m workflows provision|show|list|delete|ping|dead-letters|guest-env``.
+"""The command line: ``python -m workflows provision|show|list|delete|ping|dead-letters|guest-env`` and
+the guest API: ``status|restart|databases|create-database|delete-database|users|create-user|delete-user``.
 
 Exit codes: 0 done (ACTIVE with --wait), 1 the instance FAILED or the request was refused,
 2 bad input, 3 broker unreachable, 4 no taskmanager picked the request up.
@@ -27,9 +28,9 @@ from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.keys import KeyProblem, check_master_key
 from berth.spec import InvalidField, check_instance_id
 from guest.launch import agent_command
-from tasks import app, credentials, queues, waiting
+from tasks import app, credentials, guestapi, heartbeats, queues, waiting
 from tasks.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
-from tasks.records import FINAL, InstanceRecord, Status
+from tasks.records import FINAL, SERVING, InstanceRecord, Status
 from tasks.runtime import records, result_client, setting
 from tasks.taskmanager import validated
 from workflows import submit, submit_delete
@@ -99,7 +100,69 @@ def build_parser() -> argparse.ArgumentParser:
                                     "These are secrets: hand them to that guest only.")
     ge.add_argument("instance_id", metavar="ID")
     ge.add_argument("--json", action="store_true", help="print the variables as one JSON object")
+    add_guest_api(sub)
     return parser
+
+
+# The guest API: command -> (operation, its positional arguments).
+API_COMMANDS = {
+    "status": ("get_status", ()), "restart": ("restart", ()),
+    "databases": ("list_databases", ()), "create-database": ("create_database", ("name",)),
+    "delete-database": ("delete_database", ("name",)),
+    "users": ("list_users", ()), "create-user": ("create_user", ("name",)), "delete-user": ("delete_user", ("name",)),
+}
+
+
+def add_guest_api(sub: Any) -> None:
+    from berth.guestapi import OPERATIONS
+
+    for command, (name, positional) in API_COMMANDS.items():
+        p = sub.add_parser(command, help=f"guest API: {OPERATIONS[name].summary}",
+                           description=f"Calls guest.{name} on the instance's guest and prints its answer as JSON. "
+                                       "When the guest's last heartbeat is stale it is pinged first.")
+        p.add_argument("instance_id", metavar="ID")
+        for arg in positional:
+            p.add_argument(arg, metavar=arg.upper())
+        if name == "create_user":
+            p.add_argument("--database", action="append", dest="databases", metavar="DB",
+                           help="a database the user may use (repeat; default: all)")
+            p.add_argument("--password-stdin", action="store_true",
+                           help="read the password from standard input (otherwise it is asked for)")
+        p.add_argument("--timeout", type=float, metavar="S", help="wait at most S seconds for the answer")
+        p.add_argument("--cast", action="store_true", help="send and return at once with the message id")
+
+
+def read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise CliError("the passwords differ", EXIT_USAGE)
+    return first
+
+
+def cmd_guest_api(args: argparse.Namespace) -> int:
+    from tasks.errors import GuestError, GuestTimeout, GuestUnreachable, InstanceNotServing
+
+    name, positional = API_COMMANDS[args.command]
+    arguments = {arg: getattr(args, arg) for arg in positional}
+    if name == "create_user":
+        arguments["password"] = read_password(args)
+        if args.databases is not None:
+            arguments["databases"] = args.databases
+    check_broker()
+    try:
+        answer = guestapi.call(args.instance_id, name, arguments, timeout_s=args.timeout, cast=args.cast)
+    except InvalidRequest as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    except (InstanceNotFound, InstanceNotServing, GuestUnreachable, GuestTimeout, GuestError, QueueMissing) as exc:
+        raise CliError(str(exc), EXIT_FAILED) from exc
+    except (OperationalError, redis.RedisError) as exc:
+        raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return EXIT_OK
 
 
 def broker_name() -> str:
@@ -150,30 +213,76 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return follow(spec.instance_id, sent, timeout_s)
 
 
-def progress_lines(record: InstanceRecord) -> list[str]:
-    """Human lines for what the record shows so far, in order (printed once each)."""
+def progress_lines(record: InstanceRecord, now: float | None = None) -> list[str]:
+    """One line per step the record shows done so far, in order, each with its time since the request.
+
+    While the guest has not answered, the last line says which ping is out and how long is left.
+    """
+    now = time.time() if now is None else now
+    created = float(record["created_at"])
+
+    def at(field: str) -> str:
+        return f"(+{float(record[field]) - created:.2f} s)"
+
     lines = []
     if record.get("queue_created_at"):
-        lines.append(f"queue guest.{record.instance_id} created")
+        lines.append(f"queue guest.{record.instance_id} created {at('queue_created_at')}")
     if record.get("booted_at"):
-        lines.append(f"guest booted (driver {record['boot']})")
+        lines.append(f"guest booted (driver {record['boot']}) {at('booted_at')}")
     attempts = record.get("ping_attempts", 0)
-    for n in range(1, attempts + 1):
-        lines.append(f"ping {n} sent, waiting for guest")
     if record.get("guest_ready_at"):
-        lines.append(f"guest answered (agent {record.get('guest_version')})")
+        lines.append(f"guest answered ping {max(1, attempts)} (agent {record.get('guest_version')}) "
+                     f"{at('guest_ready_at')}")
+    elif attempts and record.status is Status.BUILD and record.get("ping_deadline_at"):
+        left = max(0.0, float(record["ping_deadline_at"]) - now)
+        lines.append(f"waiting for guest: ping {attempts} sent, {left:.1f} s left")
     if record.get("prepare_sent_at"):
-        lines.append("prepare sent")
-    if record.status is Status.ACTIVE:
-        lines.append("ACTIVE")
+        lines.append(f"prepare sent {at('prepare_sent_at')}")
+    if record.status is Status.ACTIVE or record.get("active_at"):
+        lines.append(f"ACTIVE {at('active_at')}" if record.get("active_at") else "ACTIVE")
     elif record.status is Status.FAILED:
         lines.append(f"FAILED {record.reason}: {record.get('error')}")
     return lines
 
 
+class Progress:
+    """Prints progress lines as they come: a finished step once; the waiting line, on a terminal,
+    rewritten in place as the pings go out and the time runs down (elsewhere, once per ping)."""
+
+    def __init__(self, instance_id: str, out: Any = None) -> None:
+        self.instance_id, self.out = instance_id, out or sys.stdout
+        self.live = bool(getattr(self.out, "isatty", lambda: False)())
+        self.done: list[str] = []
+        self.pending = ""
+
+    def show(self, lines: list[str]) -> None:
+        waiting = lines[-1] if lines and lines[-1].startswith("waiting for guest") else ""
+        finished = lines[:-1] if waiting else lines
+        for line in finished[len(self.done):]:
+            self._print(line)
+        self.done = list(finished) if len(finished) > len(self.done) else self.done
+        if waiting and (self.live or _ping_of(waiting) != _ping_of(self.pending)):
+            if self.live:
+                self.out.write(f"\r\033[K{self.instance_id}: {waiting}")
+                self.out.flush()
+            else:
+                print(f"{self.instance_id}: {waiting}", file=self.out, flush=True)
+        self.pending = waiting
+
+    def _print(self, line: str) -> None:
+        if self.live and self.pending:
+            self.out.write("\n")  # the wait's last state stays on screen
+        print(f"{self.instance_id}: {line}", file=self.out, flush=True)
+        self.pending = ""
+
+
+def _ping_of(line: str) -> str:
+    return line.partition(" sent")[0]
+
+
 def follow(instance_id: str, sent: Any, timeout_s: float) -> int:
     started = time.monotonic()
-    printed = 0
+    progress = Progress(instance_id)
     while time.monotonic() - started < timeout_s:
         record = records().get(instance_id)
         if record is None or record.status is Status.NEW:
@@ -184,12 +293,9 @@ def follow(instance_id: str, sent: Any, timeout_s: float) -> int:
                                "is `celery -A tasks worker -Q taskmanager` running? The request is kept and "
                                "starts when one runs.", EXIT_NO_TASKMANAGER)
         if record is not None:
-            lines = progress_lines(record)
-            for line in lines[printed:]:
-                print(f"{instance_id}: {line}", flush=True)
-            printed = max(printed, len(lines))
+            progress.show(progress_lines(record))
             if record.status in FINAL:
-                return EXIT_OK if record.status is Status.ACTIVE else EXIT_FAILED
+                return EXIT_OK if record.status in SERVING else EXIT_FAILED
         time.sleep(0.1)
     raise CliError(f"{instance_id} still not ACTIVE or FAILED after {timeout_s:g} s", EXIT_FAILED)
 
@@ -204,6 +310,9 @@ def describe(record: InstanceRecord) -> dict[str, Any]:
     for name, value in sorted(record.fields.items()):
         data[name] = _iso(value) if name.endswith("_at") and isinstance(value, float) else value
     data["connect"] = connect_hint(record)
+    if record.status in SERVING:
+        age = heartbeats.age_s(record)
+        data["last_heartbeat_age_s"] = None if age is None else round(age, 1)
     return data
 
 
@@ -362,7 +471,8 @@ def cmd_guest_env(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"provision": cmd_provision, "show": cmd_show, "list": cmd_list, "delete": cmd_delete,
-            "ping": cmd_ping, "dead-letters": cmd_dead_letters, "guest-env": cmd_guest_env}
+            "ping": cmd_ping, "dead-letters": cmd_dead_letters, "guest-env": cmd_guest_env,
+            **dict.fromkeys(API_COMMANDS, cmd_guest_api)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

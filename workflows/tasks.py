@@ -1,5 +1,5 @@
-"""`workflows.provision` and `workflows.delete`: the tasks that start the chains, for `celery call`,
-Flower's API and the command line."""
+"""`workflows.provision` and `workflows.delete`, the tasks that start the chains, and the guest API
+(`workflows.list_users`, ...): for `celery call`, Flower's API and the command line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 
 from celery import Task
 
-from tasks import app
-from tasks.errors import InstanceExists, ProvisioningError, RequestFinished
+from berth.guestapi import OPERATIONS, operation
+from tasks import app, guestapi
+from tasks.errors import InstanceExists, InvalidRequest, ProvisioningError, RequestFinished
 from tasks.records import Status
 from tasks.runtime import records
 from workflows import delete_chain, mark_deleting, provision_chain, validated_id
@@ -65,3 +66,33 @@ def delete(self: Task, instance_id: str) -> dict[str, Any]:
         delete_chain(instance_id, self.request.id).apply_async()
         records().update(instance_id, delete_chain_sent=self.request.id)
     return {"instance_id": instance_id, "status": status.value}
+
+
+def _guest_api_task(name: str) -> Any:
+    """``workflows.<name>``: the guest API from `celery call` and Flower (tasks/guestapi.py).
+
+    Positional arguments after the instance id follow the operation's arguments (a password
+    only as a keyword: keywords are masked and sealed, positions are not). ``timeout_s`` bounds
+    the wait for the guest's answer, which becomes this task's result; ``cast=True`` returns the
+    guest message's id at once instead.
+    """
+    op = operation(name)
+    positional = tuple(arg for arg in op.required + op.optional if arg != "password")
+
+    def run(self: Task, instance_id: str, *args: Any, timeout_s: float | None = None, cast: bool = False,
+            **arguments: Any) -> Any:
+        if len(args) > len(positional):
+            raise InvalidRequest("args", f"{name} takes {', '.join(positional) or 'nothing'} after the instance "
+                                         "id" + (" (give the password as a keyword)" if "password" in
+                                                 op.required else ""))
+        if not isinstance(cast, bool):
+            raise InvalidRequest("cast", f"{cast!r} is not true or false")
+        return guestapi.call(instance_id, name, {**dict(zip(positional, args, strict=False)), **arguments},
+                             timeout_s=timeout_s, cast=cast, request_id=self.request.id)
+
+    run.__name__ = name
+    run.__doc__ = f"{op.summary} (guest API)."
+    return app.task(name=f"workflows.{name}", bind=True, throws=(ProvisioningError,))(run)
+
+
+GUEST_API_TASKS = {name: _guest_api_task(name) for name in OPERATIONS}

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guest.errors import PrepareError
+from guest.errors import DatastoreError, PrepareError
+
+NO_API = "the noop datastore has no databases or users (provision with datastore redis)"
 
 
 class NoopManager:
@@ -30,6 +32,33 @@ class NoopManager:
         if self.marker.exists():
             self.marker.replace(self.marker.with_suffix(".stopped"))
         return self.status()
+
+    def restart(self) -> dict[str, Any]:
+        stopped = self.marker.with_suffix(".stopped")
+        if stopped.exists():
+            stopped.replace(self.marker)
+        if not self.marker.exists():
+            raise DatastoreError("the noop datastore is not prepared")
+        return self.status()
+
+    def list_databases(self) -> list[str]:
+        raise DatastoreError(NO_API)
+
+    def create_database(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        raise DatastoreError(NO_API)
+
+    def delete_database(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        raise DatastoreError(NO_API)
+
+    def list_users(self) -> list[dict[str, Any]]:
+        raise DatastoreError(NO_API)
+
+    def create_user(self, name: str, password: str, databases: list[str] | None, *,
+                    again: bool = False) -> dict[str, Any]:
+        raise DatastoreError(NO_API)
+
+    def delete_user(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        raise DatastoreError(NO_API)
 
     def discard(self) -> None:
         self.marker.unlink(missing_ok=True)

@@ -23,7 +23,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from berth.broker import free_port, redis_server_binary
-from guest.errors import PrepareError
+from berth.paths import replace_file
+from guest.errors import DatastoreError, PrepareError
 
 ADMIN_USER = "berth-admin"
 START_TIMEOUT_S = 10.0
@@ -76,8 +77,9 @@ class RedisManager:
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    def _start(self, state: dict[str, Any], config: dict[str, Any]) -> None:
-        conf = self._write_config(state, config)
+    def _start(self, state: dict[str, Any], config: dict[str, Any] | None) -> None:
+        """Start the server; with config None, with the configuration prepare wrote (restart)."""
+        conf = self.dir / "redis.conf" if config is None else self._write_config(state, config)
         with open(self.dir / "server.out", "ab") as out:
             proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=out)
@@ -117,9 +119,116 @@ class RedisManager:
             admin.execute_command("ACL", "SAVE")
         except redis.RedisError as exc:
             raise PrepareError(f"creating users failed: {type(exc).__name__}") from None
+        self._save_databases(sorted(set(self.databases()) | set(databases)))
         return {"datastore": self.name, "host": "127.0.0.1", "port": state["port"],
                 "users": [u["name"] for u in users], "databases": databases,
                 "key_prefixes": [f"{db}:" for db in databases]}
+
+    # --- The guest API (guest/api.py): databases are key namespaces ``<database>:*`` -----------
+    # A Redis error is reported by its type only: ACL SETUSER's arguments hold a password.
+
+    def databases(self) -> list[str]:
+        if not self.state_file.exists():
+            return []
+        return list(self._state().get("databases", []))
+
+    def _save_databases(self, databases: list[str]) -> None:
+        replace_file(self.state_file, json.dumps({**self._state(), "databases": sorted(databases)}), mode=0o600)
+
+    def _running(self) -> redis.Redis:
+        """The admin client of a running server, or DatastoreError saying why there is none."""
+        if not self.state_file.exists():
+            raise DatastoreError("the redis datastore is not prepared")
+        state = self._state()
+        if not self._answers(state):
+            raise DatastoreError("the redis datastore is down: restart it first")
+        return self._admin(state)
+
+    def restart(self) -> dict[str, Any]:
+        """Stop the server if it runs, start it again with prepare's configuration."""
+        if not self.state_file.exists():
+            raise DatastoreError("the redis datastore is not prepared")
+        self.shutdown()
+        try:
+            self._start(self._state(), None)
+        except PrepareError as exc:
+            raise DatastoreError(f"restart failed: {exc}") from None
+        return self.status()
+
+    def list_databases(self) -> list[str]:
+        self._running()
+        return self.databases()
+
+    def create_database(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        self._running()
+        existing = self.databases()
+        if name in existing and not again:
+            raise DatastoreError(f"database {name!r} exists")
+        self._save_databases([*existing, name] if name not in existing else existing)
+        return {"database": name, "key_prefix": f"{name}:"}
+
+    def delete_database(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        """Remove the namespace: its keys, and every user's access to it."""
+        admin = self._running()
+        existing = self.databases()
+        if name not in existing and not again:
+            raise DatastoreError(f"no database {name!r} (databases: {', '.join(existing) or 'none'})")
+        keys_removed = 0
+        batch: list[str] = []
+        for key in admin.scan_iter(match=f"{name}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                keys_removed += int(admin.unlink(*batch))
+                batch.clear()
+        if batch:
+            keys_removed += int(admin.unlink(*batch))
+        for user in self._user_names(admin):
+            databases = [db for db in self._user_databases(admin, user) if db != name]
+            admin.execute_command("ACL", "SETUSER", user, "resetkeys", *(f"~{db}:*" for db in databases))
+        admin.execute_command("ACL", "SAVE")
+        self._save_databases([db for db in existing if db != name])
+        return {"database": name, "keys_removed": keys_removed}
+
+    def _user_names(self, admin: redis.Redis) -> list[str]:
+        return sorted(u for u in admin.execute_command("ACL", "USERS") if u not in ("default", ADMIN_USER))
+
+    def _user_databases(self, admin: redis.Redis, user: str) -> list[str]:
+        found: Any = (admin.acl_getuser(user) or {}).get("keys") or []
+        patterns = found.split() if isinstance(found, str) else list(found)
+        return sorted(str(p).removeprefix("~").removesuffix(":*") for p in patterns if str(p).endswith(":*"))
+
+    def list_users(self) -> list[dict[str, Any]]:
+        admin = self._running()
+        return [{"name": user, "databases": self._user_databases(admin, user)} for user in self._user_names(admin)]
+
+    def create_user(self, name: str, password: str, databases: list[str] | None, *,
+                    again: bool = False) -> dict[str, Any]:
+        """A user allowed the namespaces of ``databases`` (all current ones when None)."""
+        admin = self._running()
+        existing = self.databases()
+        chosen = existing if databases is None else databases
+        unknown = [db for db in chosen if db not in existing]
+        if unknown:
+            raise DatastoreError(f"no database {unknown[0]!r} (databases: {', '.join(existing) or 'none'})")
+        if name in self._user_names(admin) and not again:
+            raise DatastoreError(f"user {name!r} exists")
+        try:
+            admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}",
+                                  *(f"~{db}:*" for db in chosen), *USER_RULES)
+            admin.execute_command("ACL", "SAVE")
+        except redis.RedisError as exc:
+            raise DatastoreError(f"creating user {name!r} failed: {type(exc).__name__}") from None
+        return {"name": name, "databases": sorted(chosen)}
+
+    def delete_user(self, name: str, *, again: bool = False) -> dict[str, Any]:
+        admin = self._running()
+        if name not in self._user_names(admin):
+            if again:
+                return {"name": name, "deleted": True}
+            raise DatastoreError(f"no user {name!r}")
+        admin.execute_command("ACL", "DELUSER", name)
+        admin.execute_command("ACL", "SAVE")
+        return {"name": name, "deleted": True}
 
     def shutdown(self) -> dict[str, Any]:
         """Stop the server (its data stays on the guest's disk); safe to repeat."""

@@ -1,0 +1,134 @@
+"""`make bench`: every benchmark, then their table in BENCHMARKS.md.
+
+    .venv/bin/python -m bench.run [--quick] [--out BENCHMARKS.md]
+
+Each benchmark runs on its own private stack and measures its own baseline in the same run
+(these machines are noisy: compare ratios, not absolute figures across runs). ``--quick`` runs
+small sizes (a smoke test of the harness, not figures to publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def mark(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    lat, ff, conc, fp, poll = (results[k] for k in ("latency", "fastfail", "concurrency", "footprint", "polling"))
+    rows = [
+        "| benchmark | Berth | baseline (same run) | ratio | target | |",
+        "|---|---|---|---|---|---|",
+        f"| 1. provision -> ACTIVE, live guest, noop datastore (n={lat['provision_to_active']['n']}) | "
+        f"p50 {lat['provision_to_active']['p50_ms']:.1f} ms, p99 {lat['provision_to_active']['p99_ms']:.1f} ms | "
+        f"bare Celery round trip p50 {lat['bare_round_trip']['p50_ms']:.2f} ms, "
+        f"p99 {lat['bare_round_trip']['p99_ms']:.2f} ms | {lat['ratio_p50']:.1f} x | p50 <= 8 x | "
+        f"{mark(lat['target']['met'])} |",
+    ]
+    for key, value in ff.items():
+        if key.startswith("deadline_"):
+            rows.append(f"| 2. fast fail, no guest, ping {key.removeprefix('deadline_')} deadline "
+                        f"(n={value['n']}): FAILED after the deadline | p50 {value['p50_ms']:.0f} ms, "
+                        f"p99 {value['p99_ms']:.0f} ms | Trove: 1,800 s timeout, checked every 5 s | | p99 <= 1 s | "
+                        f"{mark(ff['target']['met'])} |")
+    wave, bare, tg = conc["wave"], conc["bare"], conc["targets"]
+    ratio = tg["throughput_ratio"]["value"]
+    rows += [
+        f"| 3a. {wave['instances']} provisionings at once, taskmanager with 2 processes, fleet guests | "
+        f"{wave['provision_rate_per_s']:.1f} provisionings/s, p99 to ACTIVE {wave['time_to_active']['p99_s']:.1f} s, "
+        f"{wave['active']} ACTIVE, {wave['failed']} FAILED | bare tasks {bare['rate_per_s']:.0f}/s | "
+        f"1/{1 / ratio:.1f} | >= 1/8 | {mark(tg['throughput_ratio']['met'])} |",
+        f"| 3b. probe task to the taskmanager during the wave (n={conc['probe_wave']['n']}) | "
+        f"p50 {conc['probe_wave']['p50_ms']:.1f} ms, p99 {conc['probe_wave']['p99_ms']:.1f} ms | "
+        f"idle: p50 {conc['probe_idle']['p50_ms']:.1f} ms, p99 {conc['probe_idle']['p99_ms']:.1f} ms | | "
+        f"p99 <= 50 ms | {mark(tg['probe_p99_ms']['met'])} |",
+        f"| 4a. guest agent: start to first pong (median of {fp['runs']}) | "
+        f"{fp['guest_agent']['start_to_pong_ms']:.0f} ms | bare `celery worker --pool solo`: "
+        f"{fp['bare_worker']['start_to_pong_ms']:.0f} ms | {fp['ratio_time']:.2f} x | <= 1.1 x | "
+        f"{mark(fp['ratio_time'] <= 1.1)} |",
+        f"| 4b. guest agent: resident memory after first pong | {fp['guest_agent']['rss_mib']:.1f} MiB | "
+        f"bare solo worker: {fp['bare_worker']['rss_mib']:.1f} MiB | {fp['ratio_rss']:.2f} x | <= 1.1 x | "
+        f"{mark(fp['ratio_rss'] <= 1.1)} |",
+        f"| 5. prepare done -> instance seen ACTIVE (n={poll['instances']}, prepare 0-5 s) | "
+        f"p50 {poll['berth']['p50_ms']:.1f} ms, p99 {poll['berth']['p99_ms']:.1f} ms | Trove-style 5 s poll: "
+        f"p50 {poll['trove_5s_poll']['p50_ms']:.0f} ms, p99 {poll['trove_5s_poll']['p99_ms']:.0f} ms | "
+        f"{poll['ratio_p50']:.0f} x faster | (none) | |",
+    ]
+    return rows
+
+
+def write(results: dict[str, Any], about: dict[str, str], command: str, seconds: float, out: Path) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `{command}` (`bench/run.py`) on {about['date']}, in {seconds:.0f} s.",
+        "",
+        f"- machine: {about['machine']}",
+        f"- Python {about['python']}; {about['versions']}",
+        "- every figure's baseline was measured in the same run, on the same broker; compare the ratios",
+        "",
+        *table(results),
+        "",
+        "What each row measures, and how: the docstrings of `bench/latency.py`, `bench/fastfail.py`,",
+        "`bench/concurrency.py` (with `bench/fleet.py`), `bench/footprint.py` and `bench/polling.py`.",
+        "Everything the run printed is kept below.",
+        "",
+        "<details><summary>raw results</summary>",
+        "",
+        "```json",
+        json.dumps(results, indent=2, sort_keys=True),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--quick", action="store_true", help="small sizes: check the harness, publish nothing")
+    parser.add_argument("--out", type=Path, default=PROJECT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    started = time.monotonic()
+    quick = args.quick
+    results: dict[str, Any] = {}
+    # Each in its own process: a benchmark's private broker is read by `tasks` at import.
+    steps = [
+        ("footprint", ["--runs", "2" if quick else "5"]),
+        ("fastfail", ["--instances", "5" if quick else "20"]),
+        ("polling", ["--instances", "5" if quick else "20"]),
+        ("latency", ["--instances", "20" if quick else "200", "--round-trips", "50" if quick else "300"]),
+        ("concurrency", ["--instances", "50" if quick else "1000"]),
+    ]
+    for name, options in steps:
+        t = time.monotonic()
+        print(f"bench: {name} {' '.join(options)} ...", flush=True)
+        done = subprocess.run([sys.executable, "-m", f"bench.{name}", *options], cwd=PROJECT, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
+            raise SystemExit(f"bench: {name} failed (exit {done.returncode})")
+        results[name] = json.loads(done.stdout)
+        print(f"bench: {name} done in {time.monotonic() - t:.0f} s", flush=True)
+    command = "make bench" if not quick else "python -m bench.run --quick"
+    write(results, machine(), command, time.monotonic() - started, args.out)
+    print("\n".join(table(results)))
+    print(f"bench: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

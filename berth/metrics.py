@@ -1,0 +1,289 @@
+"""Metrics for operators: step durations, transition counts and instances by status, in Prometheus form.
+
+Every taskmanager process records into the broker's Redis, so that all of them add up and any
+process can export:
+
+- ``berth:metrics:steps`` (hash): a histogram per step of the chains, fields ``<step>|<le>``
+  (cumulative bucket counts, ``le`` as Prometheus writes it: ``0.005``, ``1.0``, ``+Inf``),
+  ``<step>|sum`` and ``<step>|count``; one observation per step of an instance, from the step's
+  first run to its success, retries included (`step_started`, `step_succeeded`);
+- ``berth:metrics:transitions`` (hash): fields ``<from>|<to>``, one count per status change
+  (`tasks.records.Records.transition` counts in its Lua call, `tasks.records.log_transition`
+  for writers that change a status themselves).
+
+`BerthCollector` reads them, and the statuses of all instance records, at scrape time; Flower
+serves it with its own series on ``/metrics`` (registered by ``flowerconfig.py``).
+Recording is best effort: callers catch and log its errors, a step or a transition never fails
+for a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import redis
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from berth.ids import RECORD_INDEX_KEY, record_key, step_task_id
+
+if TYPE_CHECKING:
+    from tasks.records import Records
+
+log = logging.getLogger("berth.metrics")
+
+STEP_HISTOGRAM_KEY = "berth:metrics:steps"
+TRANSITIONS_KEY = "berth:metrics:transitions"
+# Seconds. ping_guest waits for a booting guest (up to its deadline), hence the long tail.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
+BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS)
+# The steps of the provisioning chain and of the delete chain: exported even before their first
+# observation (a zero histogram), so that dashboards and alerts find every series.
+STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify", "shutdown_guest", "remove_instance")
+# How many instance statuses are read in one pipelined round trip at scrape time.
+SCRAPE_CHUNK = 2000
+
+# KEYS[1] the record. ARGV: the step's started-at field, its finished-at field, now, the field to
+# fall back on when the start was not recorded ('' for none). The first success of a step marks
+# its finished-at field and returns when the step started; any later one returns false, as does a
+# record that is gone (nothing is written to it then).
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return false end
+local started = redis.call('HGET', KEYS[1], ARGV[1])
+if not started and ARGV[4] ~= '' then started = redis.call('HGET', KEYS[1], ARGV[4]) end
+return started or ''
+"""
+
+
+def structured(human: str, **fields: Any) -> str:
+    """A log line both people and programs read: ``<human text> <one JSON object>``.
+
+    The JSON object starts at the line's first ``{`` (the human part never holds one) and ends
+    with the line; values are JSON (strings, numbers, null).
+    """
+    return f"{human} {json.dumps(fields, default=str)}"
+
+
+def parse_structured(line: str) -> dict[str, Any] | None:
+    """The JSON object of a `structured` line (a log line of any format around it), or None."""
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        value = json.loads(line[start:].strip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def transition_line(instance_id: str, old: str, new: str, step: str, fields: dict[str, Any],
+                    duration_s: float | None) -> str:
+    """The log line of one status change: ``instance db-1: BUILD -> ACTIVE (step=verify) {json}``.
+
+    The JSON object has ``event`` ("transition"), ``instance_id``, ``from``, ``to``, ``step``,
+    ``duration_s`` (seconds in ``from``, null when unknown), and ``reason`` and ``error`` when the
+    change has them (errors hold no passwords; nothing else of ``fields`` is written).
+    """
+    detail = {k: str(fields[k]) for k in ("reason", "error") if fields.get(k) is not None}
+    return structured(f"instance {instance_id}: {old} -> {new} (step={step})", event="transition",
+                      instance_id=instance_id, **{"from": old, "to": new}, step=step,
+                      duration_s=None if duration_s is None else round(duration_s, 4), **detail)
+
+
+# --- Recording (taskmanager processes) ----------------------------------------------------------
+
+def observe_step(client: redis.Redis, step: str, duration_s: float) -> None:
+    """Add one step duration to the shared histogram (one MULTI: buckets, sum and count together)."""
+    duration_s = max(0.0, duration_s)
+    with client.pipeline(transaction=True) as pipe:
+        for bound, label in zip(BUCKETS, BUCKET_LABELS, strict=True):
+            if duration_s <= bound:
+                pipe.hincrby(STEP_HISTOGRAM_KEY, f"{step}|{label}", 1)
+        pipe.hincrbyfloat(STEP_HISTOGRAM_KEY, f"{step}|sum", duration_s)
+        pipe.hincrby(STEP_HISTOGRAM_KEY, f"{step}|count", 1)
+        pipe.execute()
+
+
+def count_transition(client: redis.Redis, old: str, new: str) -> None:
+    """Count one status change ``old -> new``."""
+    client.hincrby(TRANSITIONS_KEY, f"{old}|{new}", 1)
+
+
+def chain_task_ids(instance_id: str, step: str, request_ids: Iterable[Any]) -> set[str]:
+    """The task ids the instance's own chains give ``step`` (provisioning and delete requests)."""
+    return {step_task_id(instance_id, str(rid), step) for rid in request_ids if rid}
+
+
+def _own_step(records: Records, instance_id: str, step: str, task_id: str) -> bool:
+    request_ids = records.client.hmget(record_key(instance_id), "request_id", "delete_request_id")
+    return task_id in chain_task_ids(instance_id, step, request_ids)
+
+
+def step_started(records: Records, instance_id: str, step: str, task_id: str, now: float | None = None) -> bool:
+    """A step of the instance's own chain starts a run: keep the time of its first run.
+
+    Stored as ``<step>_started_at`` on the record (the first run's time survives retries,
+    redeliveries and other taskmanager processes). Returns False for a task that is not the
+    instance's chain step (a stray call from a shell), or when there is no record yet:
+    create_queue's first run, which creates it; its start is the record's ``created_at`` then.
+    """
+    if not _own_step(records, instance_id, step, task_id):
+        return False
+    records.set_once(instance_id, f"{step}_started_at", time.time() if now is None else now)
+    return True
+
+
+def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, retries: int = 0,
+                   now: float | None = None) -> float | None:
+    """A step of the instance's own chain succeeded: observe its duration once, log it; return it.
+
+    The duration runs from the step's first run to this success. A second success of the same
+    step (a redelivery, a second delete request) observes nothing and returns None, as does a
+    stray call.
+    """
+    if not _own_step(records, instance_id, step, task_id):
+        return None
+    now = time.time() if now is None else now
+    fallback = "created_at" if step == "create_queue" else ""
+    finish = records.client.register_script(_FINISH)
+    started = finish(keys=[record_key(instance_id)], args=[f"{step}_started_at", f"{step}_finished_at", now, fallback])
+    if started is None or started in ("", b""):
+        return None
+    duration_s = max(0.0, now - float(started))
+    observe_step(records.client, step, duration_s)
+    log.info("%s", structured(f"instance {instance_id}: {step} done in {duration_s:.3f} s (retries={retries})",
+                              event="step", instance_id=instance_id, step=step,
+                              duration_s=round(duration_s, 4), retries=retries))
+    return duration_s
+
+
+# --- Export (Flower, or any process) ------------------------------------------------------------
+
+def _broker_client() -> redis.Redis:
+    from tasks.runtime import redis_client
+
+    return redis_client()
+
+
+def _statuses() -> tuple[str, ...]:
+    from tasks.records import Status
+
+    return tuple(s.value for s in Status)
+
+
+class BerthCollector(Collector):
+    """Berth's series, read from the broker's Redis at every scrape.
+
+    - ``berth_up``: 1 when Berth's data could be read, 0 when not (Redis down: then no other
+      ``berth_*`` series, and the scrape still succeeds);
+    - ``berth_instances{status}``: instance records by status, every status (0 included);
+    - ``berth_step_duration_seconds{step}``: histogram, a step's first run to its success;
+    - ``berth_transitions_total{from,to}``: status changes.
+    """
+
+    def __init__(self, client: Callable[[], redis.Redis] = _broker_client) -> None:
+        self._client = client
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only: registering reads no Redis (Flower registers before it connects anywhere).
+        return [self._up(1), *self._families(Counter(), {}, {})]
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            client = self._client()
+            with client.pipeline(transaction=False) as pipe:
+                pipe.zrange(RECORD_INDEX_KEY, 0, -1)
+                pipe.hgetall(STEP_HISTOGRAM_KEY)
+                pipe.hgetall(TRANSITIONS_KEY)
+                ids, steps, transitions = pipe.execute()
+            families = self._families(self._count_statuses(client, ids), steps, transitions)
+        except Exception as exc:  # noqa: BLE001 - a scrape must succeed whatever Redis does
+            log.warning("berth metrics unavailable: %s: %s", type(exc).__name__, exc)
+            return [self._up(0)]
+        return [self._up(1), *families]
+
+    @staticmethod
+    def _up(value: int) -> Metric:
+        return GaugeMetricFamily("berth_up", "1 when Berth's records and metrics could be read from the broker's "
+                                             "Redis at this scrape, 0 when not", value=value)
+
+    @staticmethod
+    def _count_statuses(client: redis.Redis, ids: list[Any]) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for start in range(0, len(ids), SCRAPE_CHUNK):
+            with client.pipeline(transaction=False) as pipe:
+                for raw in ids[start:start + SCRAPE_CHUNK]:
+                    pipe.hget(record_key(_text(raw)), "status")
+                # A record that expired (deleted, past its audit time) is simply not counted.
+                counts.update(_text(s) for s in pipe.execute() if s is not None)
+        return counts
+
+    def _families(self, statuses: Counter[str], steps: dict[Any, Any],
+                  transitions: dict[Any, Any]) -> list[Metric]:
+        instances = GaugeMetricFamily("berth_instances", "Instance records by status", labels=["status"])
+        for status in _statuses():
+            instances.add_metric([status], statuses.get(status, 0))
+        durations = HistogramMetricFamily(
+            "berth_step_duration_seconds", "Seconds from a chain step's first run to its success, retries included",
+            labels=["step"])
+        for step, (buckets, total) in histograms(steps).items():
+            durations.add_metric([step], buckets, total)
+        changes = CounterMetricFamily("berth_transitions", "Instance status changes", labels=["from", "to"])
+        for field, value in sorted((_text(k), v) for k, v in transitions.items()):
+            old, sep, new = field.partition("|")
+            if sep:
+                changes.add_metric([old, new], float(value))
+        return [instances, durations, changes]
+
+
+def histograms(raw: dict[Any, Any]) -> dict[str, tuple[list[tuple[str, float]], float]]:
+    """The stored histograms as ``{step: ([(le, cumulative count), ...], sum)}``, every known step."""
+    fields = {_text(k): float(v) for k, v in raw.items()}
+    found = {name.partition("|")[0] for name in fields if "|" in name}
+    out = {}
+    for step in [*STEPS, *sorted(found - set(STEPS))]:
+        buckets, running = [], 0.0
+        for label in BUCKET_LABELS:
+            # Cumulative by construction (one MULTI per observation); kept monotonic regardless.
+            running = max(running, fields.get(f"{step}|{label}", 0.0))
+            buckets.append((label, running))
+        out[step] = (buckets, fields.get(f"{step}|sum", 0.0))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, BerthCollector] = weakref.WeakKeyDictionary()
+
+
+def register(registry: CollectorRegistry = REGISTRY) -> BerthCollector:
+    """Register Berth's collector (once: a second call returns the first collector)."""
+    collector = _registered.get(registry)
+    if collector is not None:
+        return collector
+    collector = BerthCollector()
+    try:
+        registry.register(collector)
+    except ValueError as exc:
+        # berth_* names taken already: another copy of this module (reloaded) registered them.
+        log.warning("berth metrics already registered: %s", exc)
+    _registered[registry] = collector
+    return collector
+

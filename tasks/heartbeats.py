@@ -1,0 +1,270 @@
+"""Guest heartbeats: each ACTIVE guest reports its datastore's status; silence makes it UNKNOWN.
+
+The path keeps the isolation (tasks/credentials.py): a guest appends signed reports to its own
+list ``berth:heartbeat:ID``, the only list of the kind its broker user may touch, so it can only
+ever report for itself, and the taskmanager also checks each report's signature with that
+guest's key. Each taskmanager node, every ``berth_heartbeat_check_s``:
+
+- takes every watched guest's reports at once (MULTI: LRANGE + DEL, so each report is applied
+  by one node) and applies them in order of their sequence number. A report whose number is not
+  above the last one applied is out of order (a frozen guest's old report, say) and changes
+  nothing. ``running`` makes the instance ACTIVE, anything else SHUTDOWN.
+- marks UNKNOWN every ACTIVE or SHUTDOWN instance not heard from for ``berth_heartbeat_expiry_s``
+  (counted on the broker's clock, TIME, from its last report or from when it became ACTIVE).
+
+Both are compare-and-set Lua calls on the record: two nodes, or a delete under way, never
+fight over a status. Watched instances are the members of ``berth:heartbeat-index``, scored by
+when they were last heard from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from berth.ids import RECORD_INDEX_KEY, heartbeat_key, record_key
+from berth.keys import guest_key
+from tasks.records import log_transition, text
+
+log = logging.getLogger("berth.heartbeats")
+HEARTBEAT_INDEX_KEY = "berth:heartbeat-index"
+SERVING_NAMES = frozenset({"ACTIVE", "SHUTDOWN", "UNKNOWN"})
+# Reports a guest keeps on its list while no taskmanager takes them (guest/heartbeat.py).
+KEEP_REPORTS = 16
+
+# KEYS: record, index. ARGV: instance id, seq, datastore status. Times are the broker's (TIME), so
+# taskmanagers whose clocks differ agree on every heartbeat's age.
+# Returns {outcome, old status, previous status_changed_at, now}.
+_APPLY = """
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'not_serving', st or '', '', now}
+end
+local last = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_seq') or '-1')
+if tonumber(ARGV[2]) <= last then return {'out_of_order', st, '', now} end
+redis.call('HSET', KEYS[1], 'heartbeat_seq', ARGV[2], 'last_heartbeat_at', now, 'heartbeat_datastore', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'heartbeats', 1)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+local new = 'SHUTDOWN'
+if ARGV[3] == 'running' then new = 'ACTIVE' end
+if new == st then return {'applied', st, '', now} end
+local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
+redis.call('HSET', KEYS[1], 'status', new, 'status_changed_at', now, 'updated_at', now)
+return {'changed', st, since, now}
+"""
+
+# KEYS: record, index. ARGV: instance id, expiry. Returns {outcome, old status, since, last heard, now}.
+_EXPIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'not_serving', st or '', '', '', ''}
+end
+local heard = redis.call('HGET', KEYS[1], 'last_heartbeat_at') or redis.call('HGET', KEYS[1], 'active_at') or '0'
+local stamp = string.format('%.6f', now)
+if st == 'UNKNOWN' or now - tonumber(heard) < tonumber(ARGV[2]) then
+  return {'unchanged', st, '', heard, stamp}
+end
+local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
+redis.call('HSET', KEYS[1], 'status', 'UNKNOWN', 'status_changed_at', stamp, 'updated_at', stamp)
+return {'changed', st, since, heard, stamp}
+"""
+
+
+def watch(client: redis.Redis, instance_id: str, now: float, only_new: bool = False) -> None:
+    """Watch the heartbeats of a newly ACTIVE instance; its silence counts from ``now``.
+
+    ``only_new``: leave an instance already watched as it is (a step run again).
+    """
+    client.zadd(HEARTBEAT_INDEX_KEY, {instance_id: now}, nx=only_new)
+
+
+def adopt_serving(client: redis.Redis, now: float) -> list[str]:
+    """Watch every ACTIVE, SHUTDOWN or UNKNOWN instance that is not watched yet; their ids.
+
+    Each taskmanager node runs this when it starts: instances made ACTIVE by a run that died
+    before it could watch them, or before heartbeats existed, are watched from now on.
+    """
+    ids = [text(raw) for raw in client.zrange(RECORD_INDEX_KEY, 0, -1)]
+    with client.pipeline(transaction=False) as pipe:
+        for instance_id in ids:
+            pipe.hget(record_key(instance_id), "status")
+            pipe.zscore(HEARTBEAT_INDEX_KEY, instance_id)
+        found = pipe.execute()
+    adopted = [iid for iid, status, score in zip(ids, found[::2], found[1::2], strict=True)
+               if score is None and status is not None and text(status) in SERVING_NAMES]
+    for instance_id in adopted:
+        watch(client, instance_id, now, only_new=True)
+    if adopted:
+        log.warning("watching the heartbeats of %d instance(s) nobody watched: %s", len(adopted), ", ".join(adopted))
+    return adopted
+
+
+def forget(client: redis.Redis, instance_id: str) -> None:
+    """Stop watching (delete); the guest's list goes with the instance's other keys."""
+    client.zrem(HEARTBEAT_INDEX_KEY, instance_id)
+
+
+def age_s(record: Any, now: float | None = None) -> float | None:
+    """Seconds since the instance's guest last reported, on the taskmanager's clock; None if never."""
+    last = record.get("last_heartbeat_at")
+    return None if last is None else max(0.0, (time.time() if now is None else now) - float(last))
+
+
+def stale(record: Any, stale_after_s: float, now: float | None = None) -> bool:
+    """True when the guest has not reported for stale_after_s (or never did since ACTIVE)."""
+    now = time.time() if now is None else now
+    heard = record.get("last_heartbeat_at") or record.get("active_at") or 0.0
+    return now - float(heard) >= stale_after_s
+
+
+# What a report may say of its datastore (guest/datastores); anything else is refused.
+DATASTORE_STATES = frozenset({"running", "down", "stopped", "not prepared"})
+MAX_REPORT_BYTES = 4096
+# A guest sending bad reports gets one warning in this many seconds, not one per report.
+WARN_EVERY_S = 60.0
+_warned: dict[str, float] = {}
+
+
+def parse_report(instance_id: str, request_id: str, raw: str) -> dict[str, Any] | None:
+    """The report if it is well formed, for this instance and signed with its guest's key."""
+    try:
+        envelope = json.loads(raw) if len(raw) <= MAX_REPORT_BYTES else None
+        report, mac = envelope["report"], envelope["mac"]  # type: ignore[index]
+        ok = (isinstance(report, dict) and report.get("instance_id") == instance_id
+              and isinstance(report.get("seq"), int) and report.get("datastore_status") in DATASTORE_STATES
+              and guest_key(instance_id, request_id).verify_report(report, mac))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        now = time.monotonic()
+        if now - _warned.get(instance_id, -WARN_EVERY_S) >= WARN_EVERY_S:
+            _warned[instance_id] = now
+            log.warning("instance %s: refused a heartbeat that is malformed, too large, for another instance or "
+                        "not signed with its guest's key (further ones for %g s are refused quietly)", instance_id,
+                        WARN_EVERY_S)
+        return None
+    return dict(report)
+
+
+class Monitor:
+    """Applies reports and expiries; one per taskmanager node (`HeartbeatMonitor`)."""
+
+    def __init__(self, client: redis.Redis, expiry_s: float) -> None:
+        self.client, self.expiry_s = client, expiry_s
+        self._apply = client.register_script(_APPLY)
+        self._expire = client.register_script(_EXPIRE)
+
+    def check(self) -> dict[str, int]:
+        """One round: every report taken and applied, every silent guest marked UNKNOWN."""
+        counts = {"applied": 0, "out_of_order": 0, "refused": 0, "changed": 0, "expired": 0}
+        watched = [text(m) for m in self.client.zrange(HEARTBEAT_INDEX_KEY, 0, -1)]
+        if watched:
+            self._take_reports(watched, counts)
+        seconds, micros = self.client.time()
+        broker_now = float(seconds) + float(micros) / 1e6
+        for raw in self.client.zrange(HEARTBEAT_INDEX_KEY, "-inf", broker_now - self.expiry_s, byscore=True):
+            instance_id = text(raw)
+            outcome, old, since, heard, stamp = (text(v) for v in self._expire(
+                keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY], args=[instance_id, self.expiry_s]))
+            if outcome == "changed":
+                counts["expired"] += 1
+                now = float(stamp)
+                log_transition(instance_id, old, "UNKNOWN", "heartbeat",
+                               {"error": f"no heartbeat for {now - float(heard):.1f} s"},
+                               duration_s=_duration(since, now))
+        return counts
+
+    def _take_reports(self, watched: list[str], counts: dict[str, int]) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            for instance_id in watched:
+                # The newest only: a guest that pushes more than it should costs nothing more.
+                pipe.lrange(heartbeat_key(instance_id), -KEEP_REPORTS, -1)
+                pipe.delete(heartbeat_key(instance_id))
+            taken = pipe.execute()[::2]
+        pending = [(iid, reports) for iid, reports in zip(watched, taken, strict=True) if reports]
+        if not pending:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for instance_id, _ in pending:
+                pipe.hget(record_key(instance_id), "request_id")
+            request_ids = pipe.execute()
+        for (instance_id, reports), request_id in zip(pending, request_ids, strict=True):
+            if request_id is None:
+                continue
+            parsed = [p for p in (parse_report(instance_id, text(request_id), text(r)) for r in reports) if p]
+            counts["refused"] += len(reports) - len(parsed)
+            for report in sorted(parsed, key=lambda p: int(p["seq"])):
+                self.apply(instance_id, report, counts)
+
+    def apply(self, instance_id: str, report: dict[str, Any], counts: dict[str, int] | None = None) -> str:
+        """Apply one checked report; return the outcome (applied, changed, out_of_order, not_serving)."""
+        status = "running" if report["datastore_status"] == "running" else "down"
+        outcome, old, since, stamp = (text(v) for v in self._apply(
+            keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY],
+            args=[instance_id, int(report["seq"]), status]))
+        now = float(stamp)
+        if counts is not None and outcome in counts:
+            counts[outcome] += 1
+        if outcome == "out_of_order":
+            log.info("instance %s: ignored an out-of-order heartbeat (seq %s)", instance_id, report["seq"])
+        elif outcome == "changed":
+            if counts is not None:
+                counts["applied"] += 1
+            new = "ACTIVE" if status == "running" else "SHUTDOWN"
+            detail = {} if new == "ACTIVE" else {"error": f"guest reports its datastore {report['datastore_status']}"}
+            log_transition(instance_id, old, new, "heartbeat", detail, duration_s=_duration(since, now))
+        return outcome
+
+
+def _duration(since: str, now: float) -> float | None:
+    try:
+        return max(0.0, now - float(since))
+    except ValueError:
+        return None
+
+
+class HeartbeatMonitor(bootsteps.StartStopStep):
+    """Worker step: a daemon thread that runs `Monitor.check` every ``berth_heartbeat_check_s``."""
+
+    requires = ("tasks.nodes:OwnUnacked",)
+
+    def __init__(self, worker: Any, **options: Any) -> None:
+        super().__init__(worker, **options)
+        self._stop = threading.Event()
+
+    def start(self, worker: Any) -> None:
+        conf = worker.app.conf
+        client = redis.Redis.from_url(conf.broker_url, decode_responses=True, socket_connect_timeout=2.0,
+                                      socket_timeout=10.0)
+        monitor = Monitor(client, float(conf.berth_heartbeat_expiry_s))
+        period = float(conf.berth_heartbeat_check_s)
+
+        def run() -> None:
+            adopted = False
+            while not self._stop.wait(period):
+                try:
+                    if not adopted:
+                        adopt_serving(client, time.time())
+                        adopted = True
+                    monitor.check()
+                except redis.RedisError as exc:
+                    log.warning("heartbeat check failed (broker: %s); retrying", exc)
+                except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                    log.exception("heartbeat check failed; retrying")
+
+        threading.Thread(target=run, name="berth-heartbeats", daemon=True).start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
