@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import redis
-from celery import bootsteps
 
 from berth import __version__
 from berth.ids import heartbeat_key
 from berth.paths import guest_dir, replace_file
+from berth.steps import ThreadStep
 
 log = logging.getLogger("berth.guest.heartbeat")
 # As tasks/heartbeats.KEEP_REPORTS: the newest reports stay when no taskmanager takes them.
@@ -85,14 +85,11 @@ class Reporter:
         return report
 
 
-class Heartbeat(bootsteps.StartStopStep):
+class Heartbeat(ThreadStep):
     """Worker step: the reporting thread, once the guest is bound to its queue."""
 
     requires = ("guest:BindGuestQueue",)
-
-    def __init__(self, worker: Any, **options: Any) -> None:
-        super().__init__(worker, **options)
-        self._stop = threading.Event()
+    thread_name = "berth-heartbeat"
 
     def start(self, worker: Any) -> None:
         conf = worker.app.conf
@@ -116,11 +113,11 @@ class Heartbeat(bootsteps.StartStopStep):
                     failing = True
                 _wake.wait(interval)
                 _wake.clear()
-                if self._stop.is_set():
+                if self.stopping.is_set():
                     return
 
-        threading.Thread(target=run, name="berth-heartbeat", daemon=True).start()
+        self.run_thread(run)
 
     def stop(self, worker: Any) -> None:
-        self._stop.set()
+        super().stop(worker)
         _wake.set()

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 
 import redis
-from celery import bootsteps
 
 from berth.ids import GUEST_TASK_MARK, RESULT_KEY_PREFIX, prepare_task_id
+from berth.steps import ThreadStep
 
 log = logging.getLogger("berth.answers")
 CHANNEL_PATTERN = f"{RESULT_KEY_PREFIX}*.{GUEST_TASK_MARK}.prepare.*"
@@ -48,25 +47,22 @@ def on_answer(channel: str, data: Any) -> bool:
     return True
 
 
-class PrepareAnswers(bootsteps.StartStopStep):
+class PrepareAnswers(ThreadStep):
     """Worker step: the listening thread (PSUBSCRIBE on the result backend)."""
 
     requires = ("tasks.nodes:OwnUnacked",)
-
-    def __init__(self, worker: Any, **options: Any) -> None:
-        super().__init__(worker, **options)
-        self._stop = threading.Event()
+    thread_name = "berth-prepare-answers"
 
     def start(self, worker: Any) -> None:
         url = worker.app.conf.result_backend
 
         def run() -> None:
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 try:
                     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0)
                     pubsub = client.pubsub(ignore_subscribe_messages=True)
                     pubsub.psubscribe(CHANNEL_PATTERN)
-                    while not self._stop.is_set():
+                    while not self.stopping.is_set():
                         message = pubsub.get_message(timeout=1.0)
                         if message and message.get("type") == "pmessage":
                             try:
@@ -75,9 +71,6 @@ class PrepareAnswers(bootsteps.StartStopStep):
                                 log.exception("prepare answer on %s not applied; verify will", message["channel"])
                 except redis.RedisError as exc:
                     log.warning("listening for prepare answers failed (%s); retrying", exc)
-                    self._stop.wait(1.0)
+                    self.stopping.wait(1.0)
 
-        threading.Thread(target=run, name="berth-prepare-answers", daemon=True).start()
-
-    def stop(self, worker: Any) -> None:
-        self._stop.set()
+        self.run_thread(run)

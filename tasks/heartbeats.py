@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from typing import Any
 
 import redis
-from celery import bootsteps
 
 from berth.ids import RECORD_INDEX_KEY, heartbeat_key, record_key
 from berth.keys import guest_key
+from berth.steps import ThreadStep
 from tasks.records import log_transition, text
 
 log = logging.getLogger("berth.heartbeats")
@@ -235,14 +234,11 @@ def _duration(since: str, now: float) -> float | None:
         return None
 
 
-class HeartbeatMonitor(bootsteps.StartStopStep):
+class HeartbeatMonitor(ThreadStep):
     """Worker step: a daemon thread that runs `Monitor.check` every ``berth_heartbeat_check_s``."""
 
     requires = ("tasks.nodes:OwnUnacked",)
-
-    def __init__(self, worker: Any, **options: Any) -> None:
-        super().__init__(worker, **options)
-        self._stop = threading.Event()
+    thread_name = "berth-heartbeats"
 
     def start(self, worker: Any) -> None:
         conf = worker.app.conf
@@ -253,7 +249,7 @@ class HeartbeatMonitor(bootsteps.StartStopStep):
 
         def run() -> None:
             adopted = False
-            while not self._stop.wait(period):
+            while not self.stopping.wait(period):
                 try:
                     if not adopted:
                         adopt_serving(client, time.time())
@@ -264,7 +260,4 @@ class HeartbeatMonitor(bootsteps.StartStopStep):
                 except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                     log.exception("heartbeat check failed; retrying")
 
-        threading.Thread(target=run, name="berth-heartbeats", daemon=True).start()
-
-    def stop(self, worker: Any) -> None:
-        self._stop.set()
+        self.run_thread(run)

@@ -112,3 +112,23 @@ def test_a_redelivered_provision_request_does_not_start_its_chain_twice(
     finally:
         records.transition(instance_id, Status.FAILED, [Status.BUILD], "test-teardown",
                            reason=Reason.GUEST_UNREACHABLE, error="given up by the test")
+
+
+def test_an_ended_in_process_worker_leaves_no_berth_thread_behind() -> None:
+    """Celery's test worker ends with a cold shutdown (`terminate`, not `stop`): the listening and
+    heartbeat threads must end with it, or they go on acting on the broker for a worker that is
+    gone (a prepare answer applied and logged by the test session, not by the taskmanager)."""
+    import threading
+
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.helpers import wait_until
+
+    def berth_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("berth-") and t.is_alive()}
+
+    before = berth_threads()
+    with start_worker(tasks_app, queues=[f"{QUEUE}-ends"], perform_ping_check=False):
+        started = wait_until(lambda: berth_threads() - before, 10, message="the worker's threads")
+        assert {t.name for t in started} >= {"berth-prepare-answers", "berth-heartbeats"}
+    wait_until(lambda: not (berth_threads() - before), 10, message="the worker's threads ended")
