@@ -125,3 +125,6 @@ def finished_request_key(request_id: str) -> str:
 
 
 RECORD_INDEX_KEY = "berth:instances"
+# Instances with a chain under way (BUILD, DELETING), scored by when a step of theirs last ran:
+# what `tasks.reconcile` watches for a chain whose message was lost.
+INFLIGHT_KEY = "berth:inflight"

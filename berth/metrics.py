@@ -39,7 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from berth.ids import RECORD_INDEX_KEY, record_key, step_task_id
+from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, record_key
 
 if TYPE_CHECKING:
     from tasks.records import Records
@@ -57,16 +57,52 @@ STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify", "
 # How many instance statuses are read in one pipelined round trip at scrape time.
 SCRAPE_CHUNK = 2000
 
-# KEYS[1] the record. ARGV: the step's started-at field, its finished-at field, now, the field to
-# fall back on when the start was not recorded ('' for none). The first success of a step marks
-# its finished-at field and returns when the step started; any later one returns false, as does a
-# record that is gone (nothing is written to it then).
-_FINISH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return false end
-local started = redis.call('HGET', KEYS[1], ARGV[1])
-if not started and ARGV[4] ~= '' then started = redis.call('HGET', KEYS[1], ARGV[4]) end
-return started or ''
+# Whether a task is a step of the instance's own chains: its id is ``<id>.<step>.<tag>``, the tag
+# being the first 12 hex digits of the SHA-1 of the provisioning or delete request id
+# (`berth.ids.step_task_id`). A stray call of a step from a shell records nothing.
+_OWN = """
+local function own(record, instance_id, step, task_id)
+  for _, field in ipairs({'request_id', 'delete_request_id'}) do
+    local rid = redis.call('HGET', record, field)
+    if rid and instance_id .. '.' .. step .. '.' .. string.sub(redis.sha1hex(rid), 1, 12) == task_id then
+      return true
+    end
+  end
+  return false
+end
+"""
+# KEYS[1] the record, KEYS[2] the in-flight index. ARGV: instance id, step, task id, now, '1' to
+# note in the index that the instance's chain ran a step now (for the reconciler). Keeps the
+# time of the step's first run in ``<step>_started_at``; 1 for an own step, else 0.
+_START = _OWN + """
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
+if not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[2] .. '_started_at', ARGV[4])
+return 1
+"""
+# KEYS[1] the record, KEYS[2] the histogram. ARGV: instance id, step, task id, now, the field to
+# fall back on when the start was not recorded ('' for none), the number of buckets N, their N
+# upper bounds, their N labels. The first success of an own step marks ``<step>_finished_at``,
+# adds its duration to the histogram (buckets, sum and count at once) and returns it as a
+# string; any later one, a stray call or a record that is gone returns false.
+_FINISH = _OWN + """
+if redis.call('EXISTS', KEYS[1]) == 0 or not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
+if redis.call('HSETNX', KEYS[1], ARGV[2] .. '_finished_at', ARGV[4]) == 0 then return false end
+local started = redis.call('HGET', KEYS[1], ARGV[2] .. '_started_at')
+if not started and ARGV[5] ~= '' then started = redis.call('HGET', KEYS[1], ARGV[5]) end
+if not started then return false end
+local duration = math.max(0, tonumber(ARGV[4]) - tonumber(started))
+local n = tonumber(ARGV[6])
+for i = 1, n do
+  local label = ARGV[6 + n + i]
+  if label == '+Inf' or duration <= tonumber(ARGV[6 + i]) then
+    redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|' .. label, 1)
+  end
+end
+local text = string.format('%.6f', duration)
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2] .. '|sum', text)
+redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|count', 1)
+return text
 """
 
 
@@ -107,45 +143,29 @@ def transition_line(instance_id: str, old: str, new: str, step: str, fields: dic
 
 # --- Recording (taskmanager processes) ----------------------------------------------------------
 
-def observe_step(client: redis.Redis, step: str, duration_s: float) -> None:
-    """Add one step duration to the shared histogram (one MULTI: buckets, sum and count together)."""
-    duration_s = max(0.0, duration_s)
-    with client.pipeline(transaction=True) as pipe:
-        for bound, label in zip(BUCKETS, BUCKET_LABELS, strict=True):
-            if duration_s <= bound:
-                pipe.hincrby(STEP_HISTOGRAM_KEY, f"{step}|{label}", 1)
-        pipe.hincrbyfloat(STEP_HISTOGRAM_KEY, f"{step}|sum", duration_s)
-        pipe.hincrby(STEP_HISTOGRAM_KEY, f"{step}|count", 1)
-        pipe.execute()
-
-
 def count_transition(client: redis.Redis, old: str, new: str) -> None:
     """Count one status change ``old -> new``."""
     client.hincrby(TRANSITIONS_KEY, f"{old}|{new}", 1)
 
 
-def chain_task_ids(instance_id: str, step: str, request_ids: Iterable[Any]) -> set[str]:
-    """The task ids the instance's own chains give ``step`` (provisioning and delete requests)."""
-    return {step_task_id(instance_id, str(rid), step) for rid in request_ids if rid}
+_BOUNDS = [str(b) for b in BUCKETS[:-1]] + ["inf"]
 
 
-def _own_step(records: Records, instance_id: str, step: str, task_id: str) -> bool:
-    request_ids = records.client.hmget(record_key(instance_id), "request_id", "delete_request_id")
-    return task_id in chain_task_ids(instance_id, step, request_ids)
-
-
-def step_started(records: Records, instance_id: str, step: str, task_id: str, now: float | None = None) -> bool:
+def step_started(records: Records, instance_id: str, step: str, task_id: str, now: float | None = None,
+                 *, ran: bool = False) -> bool:
     """A step of the instance's own chain starts a run: keep the time of its first run.
 
     Stored as ``<step>_started_at`` on the record (the first run's time survives retries,
     redeliveries and other taskmanager processes). Returns False for a task that is not the
     instance's chain step (a stray call from a shell), or when there is no record yet:
     create_queue's first run, which creates it; its start is the record's ``created_at`` then.
+    With ``ran``, also notes that the instance's chain ran a step now (`Records.step_ran`), in the
+    same round trip.
     """
-    if not _own_step(records, instance_id, step, task_id):
-        return False
-    records.set_once(instance_id, f"{step}_started_at", time.time() if now is None else now)
-    return True
+    now = time.time() if now is None else now
+    start = records.client.register_script(_START)
+    return bool(start(keys=[record_key(instance_id), INFLIGHT_KEY],
+                      args=[instance_id, step, task_id, repr(now), "1" if ran else ""]))
 
 
 def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, retries: int = 0,
@@ -154,18 +174,16 @@ def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, 
 
     The duration runs from the step's first run to this success. A second success of the same
     step (a redelivery, a second delete request) observes nothing and returns None, as does a
-    stray call.
+    stray call. One round trip: the check, the mark and the histogram are one Lua call.
     """
-    if not _own_step(records, instance_id, step, task_id):
-        return None
     now = time.time() if now is None else now
     fallback = "created_at" if step == "create_queue" else ""
     finish = records.client.register_script(_FINISH)
-    started = finish(keys=[record_key(instance_id)], args=[f"{step}_started_at", f"{step}_finished_at", now, fallback])
-    if started is None or started in ("", b""):
+    found = finish(keys=[record_key(instance_id), STEP_HISTOGRAM_KEY],
+                   args=[instance_id, step, task_id, repr(now), fallback, len(BUCKETS), *_BOUNDS, *BUCKET_LABELS])
+    if found is None or found in ("", b""):
         return None
-    duration_s = max(0.0, now - float(started))
-    observe_step(records.client, step, duration_s)
+    duration_s = float(found)
     log.info("%s", structured(f"instance {instance_id}: {step} done in {duration_s:.3f} s (retries={retries})",
                               event="step", instance_id=instance_id, step=step,
                               duration_s=round(duration_s, 4), retries=retries))

@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import redis
 
-from berth.ids import queue_lists
-from tasks.records import INFLIGHT_KEY, InstanceRecord, Records, Status
+from berth.ids import INFLIGHT_KEY, queue_lists
+from tasks.records import InstanceRecord, Records, Status
 
 log = logging.getLogger("berth.reconcile")
 TASKMANAGER_QUEUE = "taskmanager"

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from berth.ids import RECORD_INDEX_KEY, finished_request_key, record_key
+from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, finished_request_key, record_key
 from berth.metrics import TRANSITIONS_KEY, count_transition, transition_line
 from berth.spec import ProvisionRequest
 from tasks.errors import InstanceExists, RequestFinished
@@ -51,9 +51,6 @@ class Reason(StrEnum):
 FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED, Status.SHUTDOWN, Status.UNKNOWN})
 # A provisioned instance: its guest heartbeats and answers the guest API.
 SERVING = frozenset({Status.ACTIVE, Status.SHUTDOWN, Status.UNKNOWN})
-# Instances with a chain under way (BUILD, DELETING), scored by when a step of theirs last ran:
-# what `tasks.reconcile` watches for a chain whose message was lost.
-INFLIGHT_KEY = "berth:inflight"
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
 INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",

@@ -183,14 +183,19 @@ class Step(Task):
             log.exception("instance %s: could not record the failure of %s", instance_id, step)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Note that the chain ran a step now (for the reconciler) and, on its first run, when the
+        step started (for berth_step_duration_seconds): one round trip, best effort.
+
+        An error here would fail the task outside its retries (Celery runs this hook inside the
+        task's error handling, not inside autoretry): a broker that drops the connection at this
+        moment would fail the instance. The step itself meets the same broker error and retries.
+        """
         instance_id = instance_of(args, kwargs)
         if isinstance(instance_id, str):
-            records().step_ran(instance_id)
             try:
-                # The step's first run, for its duration (berth_step_duration_seconds).
-                metrics.step_started(records(), instance_id, self.name.rsplit(".", 1)[-1], task_id)
-            except Exception as exc:  # noqa: BLE001 - a metric never fails a step
-                log.warning("instance %s: start of %s not recorded for metrics: %s", instance_id, self.name, exc)
+                metrics.step_started(records(), instance_id, self.name.rsplit(".", 1)[-1], task_id, ran=True)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails a step
+                log.warning("instance %s: start of %s not recorded: %s", instance_id, self.name, exc)
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """A step of the instance's own chain that succeeded is observed for metrics, once.
