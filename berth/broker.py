@@ -75,7 +75,8 @@ def admin_password(data_dir: Path) -> str:
 
 
 def prepare_acl_file(data_dir: Path) -> Path:
-    """The ACL file: users survive a restart (guests' users are saved into it with ACL SAVE)."""
+    """The ACL file: the admin user. Guests' users are minted again by the taskmanager after a restart
+    (`tasks.credentials.restore_missing`); each revoke saves the file (ACL SAVE)."""
     path = data_dir / ACL_FILE
     digest = hashlib.sha256(admin_password(data_dir).encode()).hexdigest()
     create_once(path, f"user default on #{digest} ~* &* +@all\n")

@@ -2,8 +2,9 @@
 
 create_queue mints the user (`mint`); delete revokes it (`revoke`). The password is derived from
 the master key (`berth.keys.acl_password`), so it is stored nowhere and a restarted taskmanager
-hands out the same one. Redis keeps only its SHA-256; the embedded broker saves users to its ACL
-file (ACL SAVE), so they survive a broker restart.
+hands out the same one. Redis keeps only its SHA-256. A restarted broker gets the users of live
+instances back from the taskmanager (`restore_missing`); a revoke is written to the ACL file at
+once (ACL SAVE), so that a deleted guest's user never comes back from it.
 
 What a guest's user may touch (all derived from its instance id, whose fixed format holds no dot
 and no glob character, so no pattern reaches another guest's keys):
@@ -110,15 +111,16 @@ def _save(client: redis.Redis) -> None:
 def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
     """Create (or reset) the guest's ACL user on the broker and the result backend; its name.
 
-    The ACL file is written at once (ACL SAVE), so a broker that restarts right after still
-    knows the user a guest may be connecting with. ACL SAVE rewrites the whole file: its cost
-    grows with the number of users (63 ms with 1,000) and it holds the broker meanwhile; see
-    BENCHMARKS.md.
+    The user is not written to the broker's ACL file: ACL SAVE rewrites the whole file (63 ms
+    with 1,000 users, holding the broker meanwhile; see BENCHMARKS.md). A broker that restarts
+    gets its guests' users back from the taskmanager instead (`restore_missing`, run by every
+    node when it sees a new broker run); their passwords are derived, so they are the same, and
+    a guest that connects in between is refused and retries (kombu counts an authentication
+    error as a connection error).
     """
     password = acl_password(instance_id, request_id)
     for client in _clients(*clients):
         client.execute_command("ACL", "SETUSER", user_name(instance_id), *acl_rules(instance_id, password))
-        _save(client)
     return user_name(instance_id)
 
 
