@@ -65,9 +65,17 @@ task_default_queue = "taskmanager"
 # The guest API's tasks (workflows.list_users, ...) wait for a guest's answer: they run on their
 # own queue and worker (Procfile: guestapi), never in the slots the provisioning steps need.
 GUEST_API_QUEUE = "guestapi"
-task_routes = {f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in (
-    "get_status", "restart", "list_databases", "create_database", "delete_database",
-    "list_users", "create_user", "delete_user")}
+# The chains' steps go to the taskmanager queue at a lower priority than anything else sent there
+# (with Redis, 0 is the highest): a request, a delete or an operator's task sent during a wave of
+# provisionings is taken before the wave's backlog, not behind it.
+STEP_PRIORITY = 6
+task_routes = {
+    **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in (
+        "get_status", "restart", "list_databases", "create_database", "delete_database",
+        "list_users", "create_user", "delete_user")},
+    **{f"taskmanager.{step}": {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in (
+        "create_queue", "boot_guest", "ping_guest", "send_prepare", "verify", "shutdown_guest", "remove_instance")},
+}
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1

@@ -30,10 +30,14 @@ def guest_queue(instance_id: str) -> str:
     return f"guest.{instance_id}"
 
 
+def kombu_lists(queue: str) -> list[str]:
+    """Every Redis list that holds a queue's messages (one per priority step), read first to last."""
+    return [queue if p == 0 else f"{queue}{KOMBU_SEP}{p}" for p in PRIORITY_STEPS]
+
+
 def queue_lists(instance_id: str) -> list[str]:
     """Every Redis list that holds the guest queue's messages (one per priority step)."""
-    name = guest_queue(instance_id)
-    return [name if p == 0 else f"{name}{KOMBU_SEP}{p}" for p in PRIORITY_STEPS]
+    return kombu_lists(guest_queue(instance_id))
 
 
 def binding_keys(instance_id: str) -> list[str]:

@@ -5,24 +5,29 @@ unacked hash; a broker killed between the two loses that message. The drills hit
 the taskmanager does not rely on messages alone: every step notes when it ran
 (`Records.step_ran`), and each node, every third of its lease, looks for instances in BUILD or
 DELETING whose chain has not run a step for ``berth_stall_after_s`` while the taskmanager
-queue is empty (a busy queue may still hold the step). It then resumes the chain at the step
-the record says comes next, with the chain's own task ids. Every step is safe to run twice,
-so resuming a chain that was only slow costs a repeat, never a doubled effect.
+queue is empty (a busy queue may still hold the step), and whose next message no taskmanager
+holds either (a retry waiting for its countdown, or a message prefetched behind a long backlog,
+sits in the node's unacked hash). It then resumes the chain at the step the record says comes
+next, with the chain's own task ids. Every step is safe to run twice, so resuming a chain that
+was only slow costs a repeat, never a doubled effect.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, cast
 
 import redis
 
-from berth.ids import INFLIGHT_KEY, queue_lists
+from berth.ids import INFLIGHT_KEY
+from berth.unacked import SHARED_UNACKED_KEY
+from tasks import waiting
 from tasks.records import InstanceRecord, Records, Status
 
 log = logging.getLogger("berth.reconcile")
-TASKMANAGER_QUEUE = "taskmanager"
+TASKMANAGER_QUEUE = waiting.TASKMANAGER_QUEUE
 # Claim an instance for resuming only if nobody touched it since we looked (one node wins).
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -48,11 +53,25 @@ def next_step(record: InstanceRecord) -> str | None:
     return None
 
 
-def _queue_empty(client: redis.Redis) -> bool:
-    with client.pipeline() as pipe:
-        for name in queue_lists(TASKMANAGER_QUEUE):
-            pipe.llen(name)
-        return not any(pipe.execute())
+def _held(client: redis.Redis) -> set[str]:
+    """The instances of which a taskmanager holds a message, taken and not yet acknowledged."""
+    from tasks.nodes import NODES_KEY, node_unacked_keys
+
+    hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(_text(n))["unacked_key"] for n in client.smembers(NODES_KEY))]
+    held = set()
+    for key in hashes:
+        for raw in client.hvals(key):
+            try:
+                task_id = json.loads(raw)[0]["headers"]["id"]
+            except (ValueError, LookupError, TypeError):
+                continue
+            if isinstance(task_id, str):
+                held.add(task_id.partition(".")[0])
+    return held
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
@@ -62,13 +81,16 @@ def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = Non
     now = time.time() if now is None else now
     stalled = cast(list[tuple[Any, float]],
                    client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
-    if not stalled or not _queue_empty(client):
+    if not stalled or not waiting.nothing_queued(client):
         return []
     records = Records(client)
     claim = client.register_script(_CLAIM)
+    held = _held(client)
     resumed = []
     for raw_id, score in stalled:
-        instance_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        instance_id = _text(raw_id)
+        if instance_id in held:
+            continue  # its next step waits in a taskmanager: slow, not lost
         record = records.get(instance_id)
         step = next_step(record) if record is not None else None
         if record is None or step is None:

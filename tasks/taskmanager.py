@@ -333,7 +333,9 @@ def ping_guest(self: Task, instance_id: str) -> str:
         _fail(instance_id, Reason.GUEST_UNREACHABLE, "ping_guest",
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
     countdown = ping_countdown(attempt, now, deadline_at)
-    pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=attempt == 0)
+    # The first ping waits a moment for a live guest's pong, unless other work waits for the slot.
+    wait = attempt == 0 and waiting.nothing_queued(redis_client())
+    pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=wait)
     records().update(instance_id, ping_attempts=attempt + 1)
     if pong:
         return _guest_ready(instance_id, pong, 1)
@@ -383,7 +385,9 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
     record = current if current is not None and current.status is Status.BUILD else _building(instance_id)
     attempt, now = self.request.retries, time.time()
     deadline_at = float(record["prepare_deadline_at"])
-    wait_s = setting("verify_reply_wait_s") if attempt == 0 else 0.0
+    # A moment's wait for the answer on the first look, unless other work waits for the slot (the
+    # taskmanager's listener, tasks/answers.py, sees the answer the moment it comes anyway).
+    wait_s = setting("verify_reply_wait_s") if attempt == 0 and waiting.nothing_queued(redis_client()) else 0.0
     answer = waiting.wait_for_result(result_client(), prepare_task_id(instance_id, record["request_id"]),
                                      min(wait_s, max(0.0, deadline_at - now)))
     if answer is not None and answer.ok:

@@ -3,7 +3,9 @@
 A guest answers by storing a Celery result; the Redis backend also PUBLISHes it on a channel
 named after the result key. `wait_for_result` subscribes, then reads the key (so an answer
 stored in between is not missed), then waits for the publish at most ``timeout_s``.
-Long waits are never done here: the calling task retries with a countdown instead.
+Long waits are never done here: the calling task retries with a countdown instead. Short ones
+only when nothing else waits for the slot (`nothing_queued`): under a backlog, a step that
+would wait for a guest retries with a countdown at once and lets the next message in.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from typing import Any
 
 import redis
 
-from berth.ids import result_key
+from berth.ids import kombu_lists, result_key
 
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+TASKMANAGER_QUEUE = "taskmanager"
+
+
+def nothing_queued(client: redis.Redis, queue: str = TASKMANAGER_QUEUE) -> bool:
+    """True when no message waits in the queue, at any priority (one round trip)."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in kombu_lists(queue):
+            pipe.llen(name)
+        return not any(pipe.execute())
 
 
 @dataclass(frozen=True)

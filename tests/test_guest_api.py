@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from berth.ids import queue_lists
+from berth.ids import kombu_lists, queue_lists
 from berth.paths import PROJECT_DIR
 from tasks.errors import (
     GuestError,
@@ -233,4 +233,4 @@ def test_a_password_given_by_position_is_refused_before_anything_is_sent() -> No
     assert "give the password as a keyword" in out.stderr
     client = redis_client()
     for queue in ("guestapi", "taskmanager"):
-        assert not any(password in raw for name in queue_lists(queue) for raw in client.lrange(name, 0, -1))
+        assert not any(password in raw for name in kombu_lists(queue) for raw in client.lrange(name, 0, -1))
