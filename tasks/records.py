@@ -212,9 +212,17 @@ class Records:
 
     def set_once(self, instance_id: str, name: str, value: Any) -> Any:
         """Set a field unless already set, return the stored value (redelivery keeps the first)."""
+        return self.set_each_once(instance_id, **{name: value})[name]
+
+    def set_each_once(self, instance_id: str, **fields: Any) -> dict[str, Any]:
+        """`set_once` for several fields, in one round trip; the stored values."""
         key = record_key(instance_id)
-        self.client.hsetnx(key, name, _encode(name, value))
-        return _decode(name, self.client.hget(key, name))
+        with self.client.pipeline(transaction=True) as pipe:
+            for name, value in fields.items():
+                pipe.hsetnx(key, name, _encode(name, value))
+            pipe.hmget(key, list(fields))
+            stored = pipe.execute()[-1]
+        return {name: _decode(name, raw) for name, raw in zip(fields, stored, strict=True)}
 
     def step_ran(self, instance_id: str, now: float | None = None) -> None:
         """A step of the instance's chain (provisioning or delete) ran just now."""

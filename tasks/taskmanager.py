@@ -320,8 +320,8 @@ def ping_guest(self: Task, instance_id: str) -> str:
     """Ping through guest.ID until it answers or the per-instance deadline passes."""
     record = _building(instance_id)
     attempt, now = self.request.retries, time.time()
-    records().set_once(instance_id, "ping_started_at", now)
-    deadline_at = records().set_once(instance_id, "ping_deadline_at", now + record["ping_deadline_s"])
+    deadline_at = records().set_each_once(instance_id, ping_started_at=now,
+                                          ping_deadline_at=now + record["ping_deadline_s"])["ping_deadline_at"]
 
     def ping_id(n: int) -> str:
         return ping_task_id(instance_id, record["request_id"], n)
