@@ -4,10 +4,12 @@
 
 A private stack (its own embedded broker, a taskmanager with 2 worker processes). The baseline:
 ``celery.accumulate`` (a no-op every worker has) sent to the taskmanager and its result read,
-one at a time. Berth: per instance, a real guest agent (boot driver ``none``, started and ready
-before the request, ``noop`` datastore: zero prepare time), then the provisioning chain sent
-and its last result read, one at a time: the same send -> result shape as the baseline. Guests
-start ``--wave`` at a time, in parallel, and stop once their instance is ACTIVE.
+one at a time: ``--round-trips`` before the first provisioning, and one more just before each
+provisioning, so that the baseline sees the same conditions as Berth. Berth: per instance, a
+real guest agent (boot driver ``none``, started and ready before the request, ``noop``
+datastore: zero prepare time), then the provisioning chain sent and its last result read, one
+at a time: the same send -> result shape as the baseline. Guests start ``--wave`` at a time, in
+parallel, and stop once their instance is ACTIVE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -33,6 +36,28 @@ def bare_round_trips(app: Any, count: int) -> list[float]:
         app.send_task("celery.accumulate", args=[1]).get(timeout=10)
         times.append(time.perf_counter() - started)
     return times
+
+
+def broker_round_trips(count: int) -> dict[str, Any]:
+    """One read (PING) and one write (SET) at a time on the broker: what a write waits for.
+
+    The embedded broker fsyncs its AOF before it answers a write (``appendfsync always``), so
+    every sequential write round trip carries an fsync; Berth's steps make several, a bare task
+    few.
+    """
+    from tasks.runtime import redis_client
+
+    client = redis_client()
+    reads, writes = [], []
+    for n in range(count):
+        started = time.perf_counter()
+        client.ping()
+        reads.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        client.set("bench:latency:write", n)
+        writes.append(time.perf_counter() - started)
+    client.delete("bench:latency:write")
+    return {"read_ping": summary_ms(reads), "write_set": summary_ms(writes)}
 
 
 def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str, str]]:
@@ -64,24 +89,31 @@ def run(instances: int = 200, round_trips: int = 300, wave: int = 20) -> dict[st
         bare_round_trips(app, 20)  # warm up connections and the worker's pool
         bare = bare_round_trips(app, round_trips)
         berth: list[float] = []
-        steps: dict[str, list[float]] = {name.removesuffix("_at"): [] for name in STEP_FIELDS[1:]}
+        # Each segment of a provisioning: "created" runs from the send to the record's creation.
+        steps: dict[str, list[float]] = {name.removesuffix("_at"): [] for name in STEP_FIELDS}
         for first in range(0, instances, wave):
             ids = [f"lat-{n}" for n in range(first, min(instances, first + wave))]
             guests, request_ids = start_guests(stack, ids)
             for instance_id in ids:
-                started = time.perf_counter()
+                # The baseline again, in the same conditions (these guests running, the records so far).
+                bare += bare_round_trips(app, 1)
+                started, sent_at = time.perf_counter(), time.time()
                 provision_chain(instance_id, request_id=request_ids[instance_id], datastore="noop",
                                 boot="none").apply_async().get(timeout=30)
                 berth.append(time.perf_counter() - started)
                 record = records().get(instance_id)
                 assert record is not None and record.status.value == "ACTIVE", record
+                steps["created"].append(record["created_at"] - sent_at)
                 for a, b in zip(STEP_FIELDS, STEP_FIELDS[1:], strict=False):
                     steps[b.removesuffix("_at")].append(record[b] - record[a])
+            for guest in guests:
+                guest.signal(signal.SIGTERM)  # all at once: each takes a second or two to shut down
             for guest in guests:
                 guest.stop(timeout_s=5)
                 stack.procs.remove(guest)
         result: dict[str, Any] = {
             "bare_round_trip": summary_ms(bare), "provision_to_active": summary_ms(berth),
+            "broker_round_trip": broker_round_trips(200),
             "steps_p50_ms": {name: summary_ms(values)["p50_ms"] for name, values in steps.items()}}
         ratio = result["provision_to_active"]["p50_ms"] / result["bare_round_trip"]["p50_ms"]
         result["ratio_p50"] = ratio

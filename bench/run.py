@@ -69,6 +69,47 @@ def table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def profile(results: dict[str, Any]) -> list[str]:
+    """Where the time went in this run, from its own figures: the why of a target not met."""
+    lat, conc = results["latency"], results["concurrency"]
+    hops = lat["steps_p50_ms"]
+    broker = lat.get("broker_round_trip", {})
+    lines = [
+        "## Where the time goes (this run)",
+        "",
+        "- **Latency**, p50 of each segment of one provisioning (ms): "
+        + ", ".join(f"{name} {value:.1f}" for name, value in hops.items())
+        + f"; the bare round trip is {lat['bare_round_trip']['p50_ms']:.2f} ms. The chain is five tasks"
+        " (create_queue, boot_guest, ping_guest, send_prepare, verify) and two guest round trips"
+        " (ping, prepare); each hop costs about one bare round trip, whatever the step does.",
+    ]
+    if broker:
+        lines.append(
+            f"- **The broker answers a write after its fsync** (`appendfsync always`, so that a killed broker loses"
+            f" no acknowledged message): a read round trip p50 {broker['read_ping']['p50_ms']:.3f} ms, a write"
+            f" {broker['write_set']['p50_ms']:.3f} ms. A step makes several writes one after the other (its"
+            " record, its marks, the message it sends, its result, its ack); a bare task makes few.")
+    times = conc.get("wave_task_times", {})
+    steps = {k.removeprefix("taskmanager."): v for k, v in times.items() if k.startswith("taskmanager.")}
+    if steps:
+        runs = {k: v.get("succeeded", 0) + v.get("retried", 0) + v.get("failed", 0) for k, v in steps.items()}
+        slot_ms = sum(v["busy_s"] for v in steps.values()) * 1000 / max(1, conc["wave"]["instances"])
+        bare_ms = conc.get("bare_task_times", {}).get("celery.accumulate", {}).get("mean_ms")
+        lines.append(
+            f"- **Throughput**: {slot_ms:.0f} ms of worker-slot time per provisioning in the wave ("
+            + ", ".join(f"{k} {v['mean_ms']:.1f} ms x {runs[k]}" for k, v in steps.items())
+            + (f"), against {bare_ms:.1f} ms for a bare task" if bare_ms else ")")
+            + ". The two cores are shared with the broker, the fleet process that plays 1,000 guests,"
+            " and the benchmark's own probe and event reader; the bare task rate is measured without the"
+            " fleet.")
+    redis_busy = conc.get("wave_redis_time", {})
+    if redis_busy:
+        lines.append(f"- **Broker**: busy {redis_busy['busy_s']:.1f} s of the wave"
+                     f" ({redis_busy['busy_share_of_wave'] * 100:.0f} %); its top commands are in the raw results.")
+    lines.append("")
+    return lines
+
+
 def write(results: dict[str, Any], about: dict[str, str], command: str, seconds: float, out: Path) -> None:
     lines = [
         "# Benchmarks",
@@ -81,6 +122,7 @@ def write(results: dict[str, Any], about: dict[str, str], command: str, seconds:
         "",
         *table(results),
         "",
+        *profile(results),
         "What each row measures, and how: the docstrings of `bench/latency.py`, `bench/fastfail.py`,",
         "`bench/concurrency.py` (with `bench/fleet.py`), `bench/footprint.py` and `bench/polling.py`.",
         "Everything the run printed is kept below.",
