@@ -7,7 +7,8 @@ A private stack (embedded broker, a taskmanager with 2 worker processes) and one
 
 1. bare: ``instances`` no-op tasks (``celery.accumulate``) sent at once, from the first send to
    the last result stored (the worker's ``date_done``): tasks/s;
-2. probe (idle): a ``celery.accumulate`` every 100 ms for 2 s, send -> result;
+2. probe (idle): a ``celery.accumulate`` every 100 ms for 2 s, send -> result, from a process
+   of its own (`ProbeProcess`);
 3. wave: ``instances`` provisionings (datastore ``noop``, boot ``none``: the fleet answers) sent
    at once, the probe running all along; provisionings/s = instances / (last ``active_at`` - t0),
    p50/p99 time to ACTIVE, how many ACTIVE/FAILED.
@@ -164,9 +165,48 @@ class TaskTimes(threading.Thread):
             self.join(5)
 
 
-def run_probe(app: Any, priority: int | None, duration_s: float) -> dict[str, Any]:
+class ProbeProcess:
+    """The probe in a process of its own, started on the private stack's settings (inherited).
+
+    This process reads the taskmanager's events (tens of thousands in a wave) and polls every
+    record; a probe thread here would share its interpreter lock, and would measure this
+    process's delays as much as the taskmanager's.
+    """
+
+    def __init__(self, priority: int | None) -> None:
+        import subprocess
+
+        args = [sys.executable, "-m", "bench.concurrency", "--probe-only"]
+        if priority is not None:
+            args += ["--probe-priority", str(priority)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        if ready.strip() != "probing":
+            raise RuntimeError(f"the probe process did not start: {ready!r}")
+
+    def finish(self) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=PROBE_TIMEOUT_S + 30)  # closing its stdin stops it
+        found: dict[str, Any] = json.loads(out)
+        return found
+
+
+def probe_only(priority: int | None) -> int:
+    """The probe process: warm up, say "probing", probe until stdin closes, print the figures."""
+    from tasks import app
+
+    for _ in range(5):
+        app.send_task("celery.accumulate", args=[1]).get(timeout=10)
     probe = Probe(app, priority)
     probe.start()
+    print("probing", flush=True)
+    sys.stdin.read()
+    print(json.dumps(probe.finish()))
+    return 0
+
+
+def run_probe(priority: int | None, duration_s: float) -> dict[str, Any]:
+    probe = ProbeProcess(priority)
     time.sleep(duration_s)
     return probe.finish()
 
@@ -356,15 +396,14 @@ def measure(stack: Any, instances: int, probe_priority: int | None, events: bool
         app.send_task("celery.accumulate", args=[1]).get(timeout=10)
     client = redis_client()
     out: dict[str, Any] = {"instances": instances, "probe_priority": probe_priority}
-    out["probe_idle"] = run_probe(app, probe_priority, 2.0)
+    out["probe_idle"] = run_probe(probe_priority, 2.0)
     times.reset()
     out["bare"] = bare_throughput(app, client, instances)
     out["bare_task_times"] = times.snapshot()
     times.reset()
     wave = Wave(client, [f"{prefix}-{n}" for n in range(instances)])
     client.config_resetstat()
-    probe = Probe(app, probe_priority)
-    probe.start()
+    probe = ProbeProcess(probe_priority)
     wave.submit()
     wall_s = wave.wait(WAVE_DEADLINE_S)
     out["wave_redis_time"] = redis_time(client, wall_s)
@@ -398,7 +437,10 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--probe-priority", type=int, default=0, help="the probe's priority (0-9; kombu: 0 first)")
     parser.add_argument("--no-events", action="store_true", help="do not time the taskmanager's tasks by its events")
+    parser.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_only:
+        return probe_only(args.probe_priority)
     print(json.dumps(run(args.instances, args.probe_priority, not args.no_events), indent=2))
     return 0
 

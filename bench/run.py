@@ -149,7 +149,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     # Each in its own process: a benchmark's private broker is read by `tasks` at import.
     steps = [
-        ("footprint", ["--runs", "2" if quick else "5"]),
+        ("footprint", ["--runs", "2" if quick else "11"]),
         ("fastfail", ["--instances", "5" if quick else "20"]),
         ("polling", ["--instances", "5" if quick else "20"]),
         ("latency", ["--instances", "20" if quick else "200", "--round-trips", "50" if quick else "300"]),
