@@ -4,7 +4,8 @@
 
 Each benchmark runs on its own private stack and measures its own baseline in the same run
 (these machines are noisy: compare ratios, not absolute figures across runs). ``--quick`` runs
-small sizes (a smoke test of the harness, not figures to publish).
+small sizes (a smoke test of the harness, not figures to publish) and writes no file unless
+``--out`` names one.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def write(results: dict[str, Any], about: dict[str, str], command: str, seconds:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--quick", action="store_true", help="small sizes: check the harness, publish nothing")
-    parser.add_argument("--out", type=Path, default=PROJECT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the table (default: BENCHMARKS.md; with --quick, nowhere)")
     args = parser.parse_args()
     started = time.monotonic()
     quick = args.quick
@@ -166,9 +168,11 @@ def main() -> int:
         results[name] = json.loads(done.stdout)
         print(f"bench: {name} done in {time.monotonic() - t:.0f} s", flush=True)
     command = "make bench" if not quick else "python -m bench.run --quick"
-    write(results, machine(), command, time.monotonic() - started, args.out)
+    out = args.out or (None if quick else PROJECT / "BENCHMARKS.md")
     print("\n".join(table(results)))
-    print(f"bench: wrote {args.out}")
+    if out is not None:
+        write(results, machine(), command, time.monotonic() - started, out)
+        print(f"bench: wrote {out}")
     return 0
 
 
