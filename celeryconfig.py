@@ -66,8 +66,9 @@ task_default_queue = "taskmanager"
 # own queue and worker (Procfile: guestapi), never in the slots the provisioning steps need.
 GUEST_API_QUEUE = "guestapi"
 # The chains' steps go to the taskmanager queue at a lower priority than anything else sent there
-# (with Redis, 0 is the highest): a request, a delete or an operator's task sent during a wave of
-# provisionings is taken before the wave's backlog, not behind it.
+# (with Redis, 0 is the highest): a request, a delete or any other task sent during a wave of
+# provisionings is taken before the wave's backlog, not behind it. A step called by hand
+# (`celery call taskmanager.<step>`) is routed here too.
 STEP_PRIORITY = 6
 task_routes = {
     **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in (

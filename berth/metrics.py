@@ -277,7 +277,7 @@ def histograms(raw: dict[Any, Any]) -> dict[str, tuple[list[tuple[str, float]], 
     for step in [*STEPS, *sorted(found - set(STEPS))]:
         buckets, running = [], 0.0
         for label in BUCKET_LABELS:
-            # Cumulative by construction (one MULTI per observation); kept monotonic regardless.
+            # Cumulative by construction (one Lua call per observation); kept monotonic regardless.
             running = max(running, fields.get(f"{step}|{label}", 0.0))
             buckets.append((label, running))
         out[step] = (buckets, fields.get(f"{step}|sum", 0.0))

@@ -91,7 +91,7 @@ def acl_rules(instance_id: str, password: str) -> list[str]:
             *(f"+{c}" for c in GUEST_COMMANDS)]
 
 
-def _clients(*clients: redis.Redis) -> list[redis.Redis]:
+def distinct_servers(*clients: redis.Redis) -> list[redis.Redis]:
     """The distinct servers among clients (broker and result backend may be one)."""
     seen: dict[tuple[Any, ...], redis.Redis] = {}
     for client in clients:
@@ -105,7 +105,8 @@ def _save(client: redis.Redis) -> None:
     try:
         client.execute_command("ACL", "SAVE")
     except redis.ResponseError as exc:
-        log.warning("broker has no ACL file (%s): guest users are lost if it restarts", exc)
+        # Nothing to save: without a file, no user survives a restart, a revoked one neither.
+        log.debug("broker has no ACL file (%s): nothing to save", exc)
 
 
 def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
@@ -119,7 +120,7 @@ def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
     error as a connection error).
     """
     password = acl_password(instance_id, request_id)
-    for client in _clients(*clients):
+    for client in distinct_servers(*clients):
         client.execute_command("ACL", "SETUSER", user_name(instance_id), *acl_rules(instance_id, password))
     return user_name(instance_id)
 
@@ -127,7 +128,7 @@ def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
 def revoke(instance_id: str, *clients: redis.Redis) -> bool:
     """Delete the guest's user (Redis drops its connections too); True if it existed anywhere."""
     found = False
-    for client in _clients(*clients):
+    for client in distinct_servers(*clients):
         if int(client.execute_command("ACL", "DELUSER", user_name(instance_id))):
             found = True
             _save(client)
@@ -138,14 +139,17 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
 HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
 
 
-def restore_missing(client: redis.Redis, *others: redis.Redis) -> list[str]:
-    """Mint again the users of live instances the broker has lost; their ids.
+def restore_missing(client: redis.Redis, server: redis.Redis | None = None) -> list[str]:
+    """Mint again, on ``server`` (the broker, by default), the users of live instances it lacks; their ids.
 
-    A broker without an ACL file forgets its users when it restarts. The passwords are derived,
-    so the same users come back and the guests reconnect as before. Run by each taskmanager
-    node at start and after it lost the broker.
+    Guests' users are not saved in an ACL file (`mint`), so a restarted broker, or a restarted
+    result backend when it is another server, has none. The passwords are derived, so the same
+    users come back and the guests reconnect as before. Run by each taskmanager node, for each
+    server, at start and whenever that server restarted (a new run id) or failed. The instance
+    records are read from ``client``, the broker.
     """
-    users = {_text(u) for u in client.execute_command("ACL", "USERS")}
+    server = client if server is None else server
+    users = {_text(u) for u in server.execute_command("ACL", "USERS")}
     restored = []
     for raw in client.zrange(RECORD_INDEX_KEY, 0, -1):
         instance_id = _text(raw)
@@ -154,10 +158,12 @@ def restore_missing(client: redis.Redis, *others: redis.Redis) -> list[str]:
         status, request_id = client.hmget(record_key(instance_id), ["status", "request_id"])
         status, request_id = _text(status), _text(request_id)
         if status in HOLDS_USER and request_id:
-            mint(instance_id, request_id, client, *others)
+            mint(instance_id, request_id, server)
             restored.append(instance_id)
     if restored:
-        log.warning("the broker had lost %d guest user(s); minted again: %s", len(restored), ", ".join(restored))
+        where = server.connection_pool.connection_kwargs
+        log.warning("the server at %s:%s had lost %d guest user(s); minted again: %s", where.get("host"),
+                    where.get("port"), len(restored), ", ".join(restored))
     return restored
 
 

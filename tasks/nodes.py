@@ -138,16 +138,19 @@ class Lease:
         look stalled would be resumed twice.
         """
         stall_after_s = float(self.app.conf.berth_stall_after_s)
-        # Guests' users, at start and whenever the broker restarted (a new run id) or failed:
-        # a broker without an ACL file forgets them.
+        # Guests' users, on the broker and on the result backend (when it is another server), at
+        # start and whenever one restarted (a new run id) or failed: they are in no ACL file.
+        servers = self.servers()
         check_users = True
-        broker_run: str | None = None
+        runs: dict[int, str] = {}
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                run_id = str(self.client.info("server").get("run_id"))
-                if check_users or run_id != broker_run:
-                    credentials.restore_missing(self.client)
-                    check_users, broker_run = False, run_id
+                for n, server in enumerate(servers):
+                    run_id = str(server.info("server").get("run_id"))
+                    if check_users or run_id != runs.get(n):
+                        credentials.restore_missing(self.client, server)
+                        runs[n] = run_id
+                check_users = False
                 if not self.renew() and not self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
                     log.error("node %s: lost its lease to %s", self.nodename, self.client.get(self.key))
                 self.client.sadd(NODES_KEY, self.nodename)
@@ -162,6 +165,15 @@ class Lease:
                 self.last_broker_error = time.monotonic()
                 check_users = True
                 log.exception("node %s: lease upkeep failed; retrying", self.nodename)
+
+    def servers(self) -> list[redis.Redis]:
+        """The broker, and the result backend when it is a Redis server of its own."""
+        backend = str(self.app.conf.result_backend or "")
+        others = []
+        if backend.startswith(("redis://", "rediss://", "unix://")):
+            others.append(redis.Redis.from_url(backend, decode_responses=True, socket_connect_timeout=2.0,
+                                                socket_timeout=10.0))
+        return credentials.distinct_servers(self.client, *others)
 
     def start(self) -> None:
         threading.Thread(target=self.keep, name="berth-node-lease", daemon=True).start()

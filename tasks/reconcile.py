@@ -3,7 +3,7 @@
 kombu's Redis transport takes a message with BRPOP and only then writes it to the consumer's
 unacked hash; a broker killed between the two loses that message. The drills hit this. So
 the taskmanager does not rely on messages alone: every step notes when it ran
-(`Records.step_ran`), and each node, every third of its lease, looks for instances in BUILD or
+(`berth.metrics.step_started`, before each run), and each node, every third of its lease, looks for instances in BUILD or
 DELETING whose chain has not run a step for ``berth_stall_after_s`` while the taskmanager
 queue is empty (a busy queue may still hold the step), and whose next message no taskmanager
 holds either (a retry waiting for its countdown, or a message prefetched behind a long backlog,
@@ -14,6 +14,7 @@ was only slow costs a repeat, never a doubled effect.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -53,6 +54,10 @@ def next_step(record: InstanceRecord) -> str | None:
     return None
 
 
+# Tasks whose id is the request's, not the instance's: their first argument names the instance.
+REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete"})
+
+
 def _held(client: redis.Redis) -> set[str]:
     """The instances of which a taskmanager holds a message, taken and not yet acknowledged."""
     from tasks.nodes import NODES_KEY, node_unacked_keys
@@ -61,13 +66,28 @@ def _held(client: redis.Redis) -> set[str]:
     held = set()
     for key in hashes:
         for raw in client.hvals(key):
-            try:
-                task_id = json.loads(raw)[0]["headers"]["id"]
-            except (ValueError, LookupError, TypeError):
-                continue
-            if isinstance(task_id, str):
-                held.add(task_id.partition(".")[0])
+            instance_id = _instance_of(raw)
+            if instance_id:
+                held.add(instance_id)
     return held
+
+
+def _instance_of(raw: Any) -> str | None:
+    """The instance a message in kombu's unacked hash (``[payload, exchange, routing key]``) is for."""
+    try:
+        payload = json.loads(raw)[0]
+        headers = payload["headers"]
+        if headers.get("task") in REQUEST_TASKS:
+            body = payload["body"]
+            if payload.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args, kwargs, _ = json.loads(body)
+            found = args[0] if args else kwargs.get("instance_id")
+        else:
+            found = str(headers["id"]).partition(".")[0]  # a step's id: <instance>.<step>.<request>
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _text(value: Any) -> str:

@@ -396,3 +396,31 @@ def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack:
     assert pong.returncode == 0, pong.stdout + pong.stderr
     assert json.loads(pong.stdout)["instance_id"] == "lost-1"
     assert any("minted again: lost-1" in tm.log() for tm in stack.taskmanagers)
+
+
+def test_a_result_backend_of_its_own_that_restarts_gets_the_guests_users_back(stack: Any) -> None:
+    """With CELERY_RESULT_BACKEND on another Redis, that server holds the guests' users too (a
+    guest stores its answers there): after it restarts, each taskmanager node mints them again."""
+    from berth.broker import EmbeddedRedis
+
+    results = EmbeddedRedis(stack.root / "results").start()
+    try:
+        stack.env["CELERY_RESULT_BACKEND"] = results.url
+        tm = stack.start_taskmanager()
+        out = stack.cli("provision", "lost-2", "--datastore", "noop", "--wait")
+        assert out.returncode == 0, out.stdout + out.stderr
+        client = redis.Redis.from_url(results.url, decode_responses=True)
+        assert "guest.lost-2" in client.execute_command("ACL", "USERS")
+        tm.signal(signal.SIGSTOP)  # so that nothing mints the user before we look
+        try:
+            results.kill()
+            results.start()
+            assert "guest.lost-2" not in client.execute_command("ACL", "USERS")
+        finally:
+            tm.signal(signal.SIGCONT)
+        wait_until(lambda: "guest.lost-2" in client.execute_command("ACL", "USERS"), 30,
+                   message="user minted again on the result backend")
+        pong = stack.cli("ping", "lost-2", "--timeout", "30")
+        assert pong.returncode == 0, pong.stdout + pong.stderr
+    finally:
+        results.stop()

@@ -34,6 +34,23 @@ def test_create_queue_writes_the_binding_and_is_idempotent(new_id: Callable[[str
     assert redis_client().smembers(binding_keys(instance_id)[0]) == {member}
 
 
+def test_declare_writes_what_kombus_own_declare_writes_and_again_after_a_delete(new_id: Callable[[str], str]) -> None:
+    ours, kombus = new_id("qo"), new_id("qk")
+    queues.declare(app, ours)
+    with app.connection_for_write() as conn:
+        queues.queue_for(kombus)(conn.default_channel).declare()
+    client = redis_client()
+
+    def shape(instance_id: str) -> set[str]:
+        return {str(m).replace(instance_id, "ID") for m in client.smembers(binding_keys(instance_id)[0])}
+
+    assert shape(ours) == shape(kombus) != set()
+    # Deleted (its keys removed), then provisioned again: the queue is there again.
+    client.delete(*binding_keys(ours))
+    queues.declare(app, ours)
+    assert queues.exists(client, ours)
+
+
 def test_a_message_sent_before_its_guest_exists_is_consumed_once_the_guest_starts(
         new_id: Callable[[str], str], start_guest: Callable[[str], Any]) -> None:
     instance_id = new_id("early")

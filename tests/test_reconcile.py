@@ -13,6 +13,7 @@ record and does nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -30,10 +31,11 @@ STALL_S = 30.0
 LATER = 1000.0  # seconds ahead: the instance is stalled
 
 
-def message(task_id: str) -> str:
+def message(task_id: str, task: str = "taskmanager.boot_guest", args: list[Any] | None = None) -> str:
     """A message as kombu keeps it in a queue list or an unacked hash (payload, exchange, key)."""
-    return json.dumps([{"body": "", "headers": {"id": task_id, "task": "taskmanager.boot_guest"},
-                        "properties": {}}, "taskmanager", "taskmanager"])
+    body = base64.b64encode(json.dumps([args or [], {}, {}]).encode()).decode()
+    return json.dumps([{"body": body, "headers": {"id": task_id, "task": task},
+                        "properties": {"body_encoding": "base64"}}, "taskmanager", "taskmanager"])
 
 
 @pytest.fixture
@@ -75,3 +77,12 @@ def test_a_step_held_by_a_taskmanager_is_not_resumed_and_a_lost_one_is(broker: r
         client.delete(held)
         client.srem(NODES_KEY, node)
     assert reconcile(client, STALL_S, now=time.time() + LATER) == [building], "held nowhere: lost"
+
+
+def test_a_request_held_by_a_taskmanager_is_not_resumed(broker: redis.Redis, building: str) -> None:
+    """A provisioning request's id is the request's, not the instance's: its argument names it."""
+    node = "tm-test-request@nowhere"
+    held = node_unacked_keys(node)["unacked_key"]
+    broker.sadd(NODES_KEY, node)
+    broker.hset(held, "tag-1", message("0f9c2d4e-request", "workflows.provision", [building]))
+    assert reconcile(broker, STALL_S, now=time.time() + LATER) == []
