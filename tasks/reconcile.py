@@ -1,15 +1,15 @@
 """The reconciler: a chain whose next message was lost is resumed from its record.
 
 kombu's Redis transport takes a message with BRPOP and only then writes it to the consumer's
-unacked hash; a broker killed between the two loses that message. The drills hit this. So
-the taskmanager does not rely on messages alone: every step notes when it ran
-(`berth.metrics.step_started`, before each run), and each node, every third of its lease,
-looks for instances in BUILD or DELETING whose chain has not run a step for
-``berth_stall_after_s`` while the taskmanager queue is empty (a busy queue may still hold the step), and whose next message no taskmanager
-holds either (a retry waiting for its countdown, or a message prefetched behind a long backlog,
-sits in the node's unacked hash). It then resumes the chain at the step the record says comes
-next, with the chain's own task ids. Every step is safe to run twice, so resuming a chain that
-was only slow costs a repeat, never a doubled effect.
+unacked hash; a broker killed between the two loses that message. The drills hit this. So the
+taskmanager does not rely on messages alone: every step notes when it ran
+(`berth.metrics.step_started`, before each run), and each node, every third of its lease, looks
+for instances in BUILD or DELETING whose chain has not run a step for ``berth_stall_after_s``
+while the taskmanager queue is empty (a busy queue may still hold the step), and whose next
+message no taskmanager holds either (a retry waiting for its countdown, or a message prefetched
+behind a long backlog, sits in the node's unacked hash). It then resumes the chain at the step
+the record says comes next, with the chain's own task ids. Every step is safe to run twice, so
+resuming a chain that was only slow costs a repeat, never a doubled effect.
 """
 
 from __future__ import annotations
