@@ -58,7 +58,7 @@ def run_guest(stack: BenchStack, n: int) -> tuple[float, int]:
     from tasks.runtime import redis_client, result_client
 
     instance_id, request_id = f"fp-{n}", uuid.uuid4().hex
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     credentials.mint(instance_id, request_id, redis_client(), result_client())
     env = {**os.environ, **credentials.guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend)}
     key = guest_key(instance_id, request_id)

@@ -39,21 +39,19 @@ def queue_for(instance_id: str, *, no_declare: bool = False) -> Queue:
                  durable=True, no_declare=no_declare)
 
 
-def declare(app: Celery, instance_id: str) -> None:
+def declare(client: redis.Redis, instance_id: str) -> None:
     """Create ``guest.ID`` durably on the broker. Idempotent.
 
     For kombu's Redis transport a queue is its binding: the member ``guest.ID\x06\x16\x06\x16guest.ID``
     of the set ``_kombu.binding.guest.ID`` (its exchange has the queue's name; kombu's
     ``queue_bind`` writes exactly this, and publishing looks it up there). It is written here
-    directly, in one round trip on the taskmanager's own Redis client, rather than with kombu's
+    directly, in one round trip on the broker's Redis (``client``), rather than with kombu's
     declare: that needs a connection, and a new connection per declare was a tenth of the
     taskmanager's time in a wave, while a pooled one remembers the queues it bound and skips
     writing a binding that delete has removed since (an id provisioned again would then have no
     queue).
     """
-    from tasks.runtime import redis_client
-
-    redis_client().sadd(binding_keys(instance_id)[0], binding_member(instance_id))
+    client.sadd(binding_keys(instance_id)[0], binding_member(instance_id))
 
 
 def exists(client: redis.Redis, instance_id: str) -> bool:

@@ -25,7 +25,7 @@ import redis
 from berth.ids import INFLIGHT_KEY
 from berth.unacked import SHARED_UNACKED_KEY
 from tasks import waiting
-from tasks.records import InstanceRecord, Records, Status
+from tasks.records import InstanceRecord, Records, Status, text
 
 log = logging.getLogger("berth.reconcile")
 TASKMANAGER_QUEUE = waiting.TASKMANAGER_QUEUE
@@ -62,7 +62,7 @@ def _held(client: redis.Redis) -> set[str]:
     """The instances of which a taskmanager holds a message, taken and not yet acknowledged."""
     from tasks.nodes import NODES_KEY, node_unacked_keys
 
-    hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(_text(n))["unacked_key"] for n in client.smembers(NODES_KEY))]
+    hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(text(n))["unacked_key"] for n in client.smembers(NODES_KEY))]
     held = set()
     for key in hashes:
         for raw in client.hvals(key):
@@ -90,10 +90,6 @@ def _instance_of(raw: Any) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
     """Resume every stalled chain; return the ids of the instances resumed."""
     from workflows import resume_chain
@@ -108,7 +104,7 @@ def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = Non
     held = _held(client)
     resumed = []
     for raw_id, score in stalled:
-        instance_id = _text(raw_id)
+        instance_id = text(raw_id)
         if instance_id in held:
             continue  # its next step waits in a taskmanager: slow, not lost
         record = records.get(instance_id)

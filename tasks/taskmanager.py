@@ -242,7 +242,7 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     """
     request_id = request_id or self.request.root_id or self.request.id
     register(validated(instance_id, **fields), request_id)
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     # The guest's own broker user, before anything can boot it: it may touch its own keys only.
     credentials.mint(instance_id, request_id, redis_client(), result_client())
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",

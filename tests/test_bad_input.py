@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from berth.ids import binding_keys, deadletter_key, guest_queue, queue_lists, result_key, unacked_keys
 from berth.keys import SIGNATURE_HEADER
 from guest import deadletters
-from tasks import app, queues
+from tasks import queues
 from tasks.runtime import redis_client, result_client
 from tests.helpers import Proc, guest_identity, send_to_guest, unique_id, wait_until
 
@@ -43,7 +43,7 @@ def genuine() -> Iterator[Envelope]:
     """The envelope kombu writes for a guest.ping, from a queue nobody consumes."""
     client = redis_client()
     instance_id = unique_id("tpl")
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     send_to_guest(instance_id, "guest.ping", "ping0.tpl")
     items = client.lrange(guest_queue(instance_id), 0, -1)
     assert len(items) == 1
@@ -102,7 +102,7 @@ def nothing_held(client: redis.Redis, instance_id: str) -> bool:
 
 
 def running_guest(instance_id: str, start_guest: Callable[[str], Proc]) -> Proc:
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     guest = start_guest(instance_id)
     wait_until(lambda: " ready." in guest.log() or not guest.alive(), 30, message="guest ready")
     assert guest.alive(), guest.log()

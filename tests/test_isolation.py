@@ -226,7 +226,7 @@ def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_an
         new_id: Callable[[str], str], start_guest: Callable[[str], Proc]) -> None:
     mine, other = new_id("auth"), new_id("authx")
     for instance_id in (mine, other):
-        queues.declare(app, instance_id)
+        queues.declare(redis_client(), instance_id)
     results = result_client()
     # Genuine messages, signed as the taskmanager signs them; taken off the list to be altered.
     send_to_guest(mine, "guest.ping", "genuine")

@@ -84,7 +84,7 @@ def test_a_guest_that_appears_after_a_prepare_timeout_runs_no_stale_prepare(
 def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[str], str],
                                                            start_guest: Callable[[str], Proc]) -> None:
     instance_id = new_id("exp")
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     expires_at = time.time() + 0.5
     stale = send_to_guest(instance_id, "guest.prepare", "prepare.x",
                           kwargs={"instance_id": instance_id, "datastore": "noop", "users": [], "databases": [],

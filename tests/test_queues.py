@@ -27,8 +27,8 @@ def ping(instance_id: str, name: str, target: str | None = None) -> Any:
 def test_create_queue_writes_the_binding_and_is_idempotent(new_id: Callable[[str], str]) -> None:
     instance_id = new_id("q")
     assert not queues.exists(redis_client(), instance_id)
-    queues.declare(app, instance_id)
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
+    queues.declare(redis_client(), instance_id)
     assert queues.exists(redis_client(), instance_id)
     member = f"guest.{instance_id}\x06\x16\x06\x16guest.{instance_id}"
     assert redis_client().smembers(binding_keys(instance_id)[0]) == {member}
@@ -36,7 +36,7 @@ def test_create_queue_writes_the_binding_and_is_idempotent(new_id: Callable[[str
 
 def test_declare_writes_what_kombus_own_declare_writes_and_again_after_a_delete(new_id: Callable[[str], str]) -> None:
     ours, kombus = new_id("qo"), new_id("qk")
-    queues.declare(app, ours)
+    queues.declare(redis_client(), ours)
     with app.connection_for_write() as conn:
         queues.queue_for(kombus)(conn.default_channel).declare()
     client = redis_client()
@@ -47,14 +47,14 @@ def test_declare_writes_what_kombus_own_declare_writes_and_again_after_a_delete(
     assert shape(ours) == shape(kombus) != set()
     # Deleted (its keys removed), then provisioned again: the queue is there again.
     client.delete(*binding_keys(ours))
-    queues.declare(app, ours)
+    queues.declare(redis_client(), ours)
     assert queues.exists(client, ours)
 
 
 def test_a_message_sent_before_its_guest_exists_is_consumed_once_the_guest_starts(
         new_id: Callable[[str], str], start_guest: Callable[[str], Any]) -> None:
     instance_id = new_id("early")
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     result = ping(instance_id, "early")
     assert redis_client().llen(f"guest.{instance_id}") == 1, "the message waits in the pre-created queue"
     start_guest(instance_id)
@@ -73,7 +73,7 @@ def test_publishing_to_a_queue_that_was_never_created_is_refused_and_creates_not
 def test_a_guest_consumes_only_its_own_queue(new_id: Callable[[str], str], start_guest: Callable[[str], Any]) -> None:
     mine, other = new_id("mine"), new_id("other")
     for instance_id in (mine, other):
-        queues.declare(app, instance_id)
+        queues.declare(redis_client(), instance_id)
     start_guest(mine)
     foreign = ping(other, "p")
     own = ping(mine, "p")
@@ -94,7 +94,7 @@ def test_a_guest_never_declares_its_queue(new_id: Callable[[str], str], start_gu
 def test_a_guest_refuses_a_message_for_another_instance_and_keeps_serving(
         new_id: Callable[[str], str], start_guest: Callable[[str], Any]) -> None:
     mine, other = new_id("own"), new_id("else")
-    queues.declare(app, mine)
+    queues.declare(redis_client(), mine)
     start_guest(mine)
     retargeted = ping(mine, "wrong", target=other)
     assert ping(mine, "right").get(timeout=30)["instance_id"] == mine
@@ -106,7 +106,7 @@ def test_a_guest_refuses_a_message_for_another_instance_and_keeps_serving(
 
 def test_purge_empties_every_priority_list_but_keeps_the_queue(new_id: Callable[[str], str]) -> None:
     instance_id = new_id("purge")
-    queues.declare(app, instance_id)
+    queues.declare(redis_client(), instance_id)
     client = redis_client()
     for name in queue_lists(instance_id):
         client.lpush(name, "{}")
