@@ -87,6 +87,21 @@ def admin_url(port: int, data_dir: Path) -> str:
     return f"redis://:{admin_password(data_dir)}@127.0.0.1:{port}/0"
 
 
+# Limits suited to a broker, each overridable by environment. A guest may write some keys of its
+# own (tasks/credentials.py) and Redis has no per-user quota: these bound what any one client can
+# do to the server. Memory: when full, writes fail with an error (noeviction) instead of Redis
+# silently evicting queued messages, results or records.
+MAXMEMORY = os.environ.get("BERTH_BROKER_MAXMEMORY", "1gb")
+MAXMEMORY_POLICY = "noeviction"
+# The largest value or argument of any command (Redis' proto-max-bulk-len; 1mb is its minimum):
+# Berth's own messages and answers are a few KiB; a guest's 50 MB value is refused at the door.
+MAX_VALUE = os.environ.get("BERTH_BROKER_MAX_VALUE", "2mb")
+# A subscriber that falls this far behind is disconnected (hard limit, then soft limit over
+# seconds): the taskmanager's listeners reconnect, and a guest cannot grow the server's memory
+# without bound by publishing faster than they read.
+PUBSUB_OUTPUT_LIMIT = ("pubsub", "64mb", "16mb", "60")
+
+
 def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
     """Command line for a durable, loopback-only redis-server keeping its files in data_dir."""
     return [
@@ -101,6 +116,10 @@ def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
         "--appendonly", "yes",
         "--appendfsync", os.environ.get("BERTH_BROKER_APPENDFSYNC", "always"),
         "--save", "",
+        "--maxmemory", MAXMEMORY,
+        "--maxmemory-policy", MAXMEMORY_POLICY,
+        "--proto-max-bulk-len", MAX_VALUE,
+        "--client-output-buffer-limit", *PUBSUB_OUTPUT_LIMIT,
         "--logfile", str(data_dir / "redis.log"),
         *extra,
     ]
@@ -119,6 +138,29 @@ def wait_until_ready(url: str, timeout_s: float = 15.0) -> None:
             last = exc
         time.sleep(0.05)
     raise BrokerError(f"redis at {url} did not answer within {timeout_s:.0f} s: {last}")
+
+
+DEFAULT_MAX_VALUE = 512 * 1024 * 1024
+
+
+def limit_warnings(client: redis.Redis) -> list[str]:
+    """What a broker lacks of the limits above (a user's own Redis, say); empty when it has them all."""
+    try:
+        found = {**client.config_get("maxmemory*"), **client.config_get("proto-max-bulk-len")}
+    except redis.ResponseError as exc:
+        return [f"its limits could not be read ({exc}): check maxmemory, maxmemory-policy and "
+                "proto-max-bulk-len yourself"]
+    warnings = []
+    if int(found.get("maxmemory") or 0) == 0:
+        warnings.append("no maxmemory: one guest storing values without end can exhaust the host's memory "
+                        f"(the embedded broker sets {MAXMEMORY})")
+    if found.get("maxmemory-policy") != MAXMEMORY_POLICY:
+        warnings.append(f"maxmemory-policy is {found.get('maxmemory-policy')}: when memory is full Redis "
+                        f"silently evicts keys, queued messages among them; use {MAXMEMORY_POLICY}")
+    if int(found.get("proto-max-bulk-len") or DEFAULT_MAX_VALUE) >= DEFAULT_MAX_VALUE:
+        warnings.append("proto-max-bulk-len is at its default of 512 MB: a guest may store or publish values "
+                        f"that large (the embedded broker sets {MAX_VALUE})")
+    return warnings
 
 
 class EmbeddedRedis:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from berth.spec import InvalidField, check_database_name, check_databases, check_password, check_user_name
+from berth.untrusted import Malformed, one_line
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,19 @@ class Operation:
     # Changes the datastore: applied once per message, whatever redeliveries (guest/api.py).
     changes: bool
     summary: str
+    # The shape of the guest's answer: a JSON object, or a list of strings or of objects.
+    answer: type = dict
+    items: type | None = None
 
 
 OPERATIONS = {op.name: op for op in (
     Operation("get_status", (), (), False, "the agent's version and the datastore's status"),
     Operation("restart", (), (), True, "stop the datastore if it runs, start it again"),
-    Operation("list_databases", (), (), False, "the datastore's databases (redis: key namespaces DB:*)"),
+    Operation("list_databases", (), (), False, "the datastore's databases (redis: key namespaces DB:*)",
+              list, str),
     Operation("create_database", ("name",), (), True, "add a database"),
     Operation("delete_database", ("name",), (), True, "remove a database, its keys and every user's access to it"),
-    Operation("list_users", (), (), False, "the datastore's users and the databases each may use"),
+    Operation("list_users", (), (), False, "the datastore's users and the databases each may use", list, dict),
     Operation("create_user", ("name", "password"), ("databases",), True,
               "add a user allowed the given databases (default: all)"),
     Operation("delete_user", ("name",), (), True, "remove a user"),
@@ -66,3 +71,76 @@ def check_arguments(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
     if checked.get("databases") is not None:
         checked["databases"] = list(check_databases(checked["databases"]))
     return checked
+
+
+# --- Answers: what comes back is a guest's, so its shape is checked before anyone uses it ----------
+
+# The largest count a guest may report (prepare deliveries and the like).
+MAX_COUNT = 2**31
+
+
+_TYPE_NAMES: dict[type, str] = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
+
+
+def _type_name(value: object) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def check_answer(name: str, result: Any) -> Any:
+    """A guest-API answer of the documented shape, or Malformed saying in one line what is wrong."""
+    op = operation(name)
+    if not isinstance(result, (dict, list)) or not isinstance(result, op.answer):
+        raise Malformed(f"{name} answered {_type_name(result)}, not {_type_name(op.answer())}")
+    if op.items is not None:
+        for item in result:
+            if not isinstance(item, op.items):
+                raise Malformed(f"{name} answered a list holding {_type_name(item)}, not only {_type_name(op.items())}")
+    if name == "list_users" and any(not isinstance(u.get("name"), str) for u in result):
+        raise Malformed("list_users answered a user without a name")
+    return result
+
+
+def check_count(answer: Mapping[str, Any], name: str) -> int | None:
+    """A count the guest reports about itself, if it is a plausible one."""
+    value = answer.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_COUNT:
+        return None
+    return value
+
+
+def check_pong(result: Any, instance_id: str) -> dict[str, Any] | None:
+    """The answer to a ping, if it is one from this instance's own guest (its version one short line)."""
+    if not isinstance(result, dict) or result.get("instance_id") != instance_id:
+        return None
+    return {**result, "version": one_line(result.get("version") or "", 64)}
+
+
+# What prepare's connection may hold, and of which type; anything else in it is dropped.
+CONNECTION_FIELDS: dict[str, type] = {"datastore": str, "host": str, "port": int, "users": list, "databases": list,
+                                      "key_prefixes": list}
+MAX_CONNECTION_ITEMS = 1000
+
+
+def check_connection(value: Any) -> dict[str, Any]:
+    """Prepare's connection details: the documented fields, of their types, texts one short line each."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Malformed(f"prepare answered a connection that is {_type_name(value)}, not an object")
+    clean: dict[str, Any] = {}
+    for field, kind in CONNECTION_FIELDS.items():
+        item = value.get(field)
+        if item is None:
+            continue
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise Malformed(f"prepare answered a connection whose {field} is {_type_name(item)}")
+        if isinstance(item, list):
+            if len(item) > MAX_CONNECTION_ITEMS or not all(isinstance(i, str) for i in item):
+                raise Malformed(f"prepare answered a connection whose {field} is not a short list of strings")
+            item = [one_line(i, 200) for i in item]
+        elif isinstance(item, str):
+            item = one_line(item, 200)
+        clean[field] = item
+    if "port" in clean and not 0 < clean["port"] < 65536:
+        raise Malformed("prepare answered a connection whose port is out of range")
+    return clean

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from berth.ids import deadletter_key
+from berth.untrusted import MAX_DEADLETTER_BYTES, Malformed, clean, decode_json, describe_oversized, take_lists
 
 MAX_ENTRIES = 1000
 # Longest text kept per field: an entry describes a message, it never carries one.
@@ -64,18 +65,28 @@ def push(client: redis.Redis, instance_id: str, entry: dict[str, Any]) -> None:
 
 
 def read(client: redis.Redis, instance_id: str, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest ``limit`` entries, newest first (entries that are not JSON objects are skipped)."""
+    """The newest ``limit`` entries, newest first, read as a guest's hostile bytes (`berth.untrusted`).
+
+    Each entry is bounded on the broker, parsed with limits, cut to the documented fields and
+    escaped; one that is not (too large, not UTF-8, not a JSON object) is shown as ``unreadable``
+    with the reason. Give a ``client`` that returns bytes: a guest's entry need not be UTF-8.
+    """
     if limit <= 0:
         return []
-    entries: list[dict[str, Any]] = []
-    for raw in client.lrange(deadletter_key(instance_id), 0, limit - 1):
-        try:
-            entry = json.loads(raw)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
+    [items] = take_lists(client, [deadletter_key(instance_id)], 0, limit - 1, MAX_DEADLETTER_BYTES)
+    return [clean(normalise(_entry(raw))) for raw in items]
+
+
+def _entry(raw: bytes | str | int) -> dict[str, Any]:
+    try:
+        if isinstance(raw, int):
+            raise Malformed(describe_oversized(raw, "the entry", MAX_DEADLETTER_BYTES))
+        entry = decode_json(raw, "the entry", MAX_DEADLETTER_BYTES, max_depth=2)
+        if not isinstance(entry, dict):
+            raise Malformed("the entry is not a JSON object")
+    except Malformed as exc:
+        return {"reason": "unreadable", "error": str(exc)}
+    return entry
 
 
 __all__ = ["MAX_ENTRIES", "normalise", "push", "read"]

@@ -11,40 +11,73 @@ first); failures and timeouts stay `verify`'s to decide.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import redis
 
-from berth.ids import GUEST_TASK_MARK, RESULT_KEY_PREFIX, prepare_task_id
+from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, prepare_task_id
 from berth.steps import ThreadStep
+from berth.untrusted import MAX_ANSWER_BYTES, Malformed, RateLimitedLog, as_text, one_line
+from tasks import waiting
 
 log = logging.getLogger("berth.answers")
 CHANNEL_PATTERN = f"{RESULT_KEY_PREFIX}*.{GUEST_TASK_MARK}.prepare.*"
+_complaints = RateLimitedLog(log)
 
 
-def on_answer(channel: str, data: Any) -> bool:
-    """Activate the instance whose prepare this answer is; True if it became ACTIVE here."""
+def on_answer(channel: bytes | str, data: bytes | str) -> bool:
+    """Activate the instance whose prepare this answer is; True if it became ACTIVE here.
+
+    Channel and data are a guest's bytes: anything odd is left to `verify`, which reads the
+    stored answer itself and fails the instance when it is malformed.
+    """
     from tasks.records import Status
     from tasks.runtime import records
-    from tasks.taskmanager import _activate
+    from tasks.taskmanager import _activate, prepare_answer
 
-    task_id = channel.removeprefix(RESULT_KEY_PREFIX)
-    instance_id = task_id.partition(f".{GUEST_TASK_MARK}.")[0]
     try:
-        meta = json.loads(data)
-    except (TypeError, ValueError):
+        task_id = as_text(channel, "channel").removeprefix(RESULT_KEY_PREFIX)
+    except Malformed:
         return False
-    if not isinstance(meta, dict) or meta.get("status") != "SUCCESS" or not isinstance(meta.get("result"), dict):
+    instance_id = task_id.partition(f".{GUEST_TASK_MARK}.")[0]
+    if INSTANCE_ID_RE.fullmatch(instance_id) is None or len(data) > MAX_ANSWER_BYTES:
+        return False
+    answer = waiting.parse(data)
+    if answer is None or not answer.ok or not (answer := prepare_answer(answer)).ok:
         return False
     record = records().get(instance_id)
     if record is None or record.status is not Status.BUILD or record.get("prepare_sent_at") is None:
         return False
     if task_id != prepare_task_id(instance_id, record["request_id"]):
         return False  # another request's prepare: not what this provisioning waits for
-    _activate(instance_id, meta["result"])
+    _activate(instance_id, answer.result)
     return True
+
+
+def listen(url: str, stopping: Any) -> None:
+    """Apply prepare answers as they are published, until ``stopping`` is set or the connection fails."""
+    # Bytes, not text: a guest may publish anything on its own channels.
+    client = redis.Redis.from_url(url, socket_connect_timeout=2.0)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.psubscribe(CHANNEL_PATTERN)
+        while not stopping.is_set():
+            message = pubsub.get_message(timeout=1.0)
+            if message and message.get("type") == "pmessage":
+                _apply(message["channel"], message["data"])
+    finally:
+        pubsub.close()
+        client.close()
+
+
+def _apply(channel: bytes, data: bytes) -> None:
+    try:
+        on_answer(channel, data)
+    except Exception as exc:  # noqa: BLE001 - verify decides whatever this could not
+        source = one_line(channel, 120)
+        _complaints.warn(source, "prepare answer on %s not applied (%s: %s); verify will", source,
+                         type(exc).__name__, one_line(exc, 200))
 
 
 class PrepareAnswers(ThreadStep):
@@ -59,18 +92,11 @@ class PrepareAnswers(ThreadStep):
         def run() -> None:
             while not self.stopping.is_set():
                 try:
-                    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0)
-                    pubsub = client.pubsub(ignore_subscribe_messages=True)
-                    pubsub.psubscribe(CHANNEL_PATTERN)
-                    while not self.stopping.is_set():
-                        message = pubsub.get_message(timeout=1.0)
-                        if message and message.get("type") == "pmessage":
-                            try:
-                                on_answer(str(message["channel"]), message["data"])
-                            except Exception:  # noqa: BLE001 - verify decides whatever this could not
-                                log.exception("prepare answer on %s not applied; verify will", message["channel"])
+                    listen(url, self.stopping)
                 except redis.RedisError as exc:
-                    log.warning("listening for prepare answers failed (%s); retrying", exc)
+                    # A flood past the broker's pub/sub output limit also lands here: it drops
+                    # this connection, and the listener subscribes again.
+                    log.warning("listening for prepare answers failed (%s); listening again", exc)
                     self.stopping.wait(1.0)
 
         self.run_thread(run)

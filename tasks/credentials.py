@@ -9,19 +9,21 @@ once (ACL SAVE), so that a deleted guest's user never comes back from it.
 What a guest's user may touch (all derived from its instance id, whose fixed format holds no dot
 and no glob character, so no pattern reaches another guest's keys):
 
-- its queue ``guest.ID`` and that queue's priority lists ``guest.ID\\x06\\x16N`` (BRPOP, and LPUSH
-  to put back what it took and never acknowledged);
+- its queue ``guest.ID`` and that queue's priority lists ``guest.ID\\x06\\x16N`` for N in 3, 6, 9
+  (BRPOP, and LPUSH to put back what it took and never acknowledged);
 - its own ack-emulation keys ``unacked.ID``, ``unacked_index.ID``, ``unacked_mutex.ID``;
 - results of the tasks sent to it, ``celery-task-meta-ID.guest.*`` (and PUBLISH on that channel):
   task ids of guest-bound messages are ``ID.guest.<name>...``, those of the taskmanager's steps
   are not, so a guest can neither answer for another guest nor forge its own chain's results;
 - its dead-letter list ``berth:deadletter:ID``;
 - its heartbeat list ``berth:heartbeat:ID`` (RPUSH and LTRIM its own reports; the taskmanager takes
-  them, and checks each one's signature too).
+  them, and checks each one's signature too);
 
+each in the broker's and the result backend's databases only (SELECT of any other is refused).
 Nothing else: not the taskmanager queue, not the instance records, not the queue bindings (a
 guest that could add a binding could make the taskmanager's publishes land in another queue),
-not SCAN or KEYS (they would list other instances), not events or remote control.
+not SCAN or KEYS (they would list other instances), not events or remote control. Everything
+the control plane reads from those keys it reads as hostile bytes (`berth.untrusted`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import redis
 
 from berth.ids import (
-    KOMBU_SEP,
     RECORD_INDEX_KEY,
     RESULT_KEY_PREFIX,
     deadletter_key,
-    guest_queue,
     guest_task_prefix,
     heartbeat_key,
+    queue_lists,
     record_key,
     unacked_keys,
 )
@@ -49,7 +50,9 @@ log = logging.getLogger("berth.credentials")
 
 # What kombu's Redis transport, Celery's Redis result backend and the agent itself send, and no more.
 GUEST_COMMANDS = (
-    "auth", "hello", "ping", "select", "client|setname", "reset",
+    # SELECT of the broker's and the result backend's databases only (`acl_rules`): a guest that
+    # could select any database could write keys there that no delete would look for.
+    "auth", "hello", "ping", "client|setname", "reset",
     # queue: consume, and put back what was taken and never acknowledged
     "brpop", "lpush", "rpush", "llen",
     # ack emulation
@@ -73,8 +76,9 @@ def user_name(instance_id: str) -> str:
 
 
 def key_patterns(instance_id: str) -> list[str]:
-    queue = guest_queue(instance_id)
-    return [queue, f"{queue}{KOMBU_SEP}*", *unacked_keys(instance_id).values(),
+    """Exact names, but for results (their task ids are the taskmanager's to choose): each priority
+    list by name, never ``guest.ID\x06\x16*``, which would let a guest make keys of any suffix."""
+    return [*queue_lists(instance_id), *unacked_keys(instance_id).values(),
             f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id),
             heartbeat_key(instance_id)]
 
@@ -83,21 +87,32 @@ def channel_patterns(instance_id: str) -> list[str]:
     return [f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*"]
 
 
-def acl_rules(instance_id: str, password: str) -> list[str]:
-    """ACL SETUSER arguments: only these keys, channels and commands, and this password."""
+def acl_rules(instance_id: str, password: str, databases: tuple[int, ...] = (0,)) -> list[str]:
+    """ACL SETUSER arguments: only these keys, channels, commands and databases, and this password."""
     return ["reset", "on", f">{password}", "resetkeys", "resetchannels", "-@all",
             *(f"~{p}" for p in key_patterns(instance_id)),
             *(f"&{p}" for p in channel_patterns(instance_id)),
-            *(f"+{c}" for c in GUEST_COMMANDS)]
+            *(f"+{c}" for c in GUEST_COMMANDS),
+            *(f"+select|{db}" for db in databases)]
+
+
+def _address(client: redis.Redis) -> tuple[Any, ...]:
+    kwargs = client.connection_pool.connection_kwargs
+    return kwargs.get("host"), kwargs.get("port"), kwargs.get("path")
 
 
 def distinct_servers(*clients: redis.Redis) -> list[redis.Redis]:
     """The distinct servers among clients (broker and result backend may be one)."""
     seen: dict[tuple[Any, ...], redis.Redis] = {}
     for client in clients:
-        kwargs = client.connection_pool.connection_kwargs
-        seen.setdefault((kwargs.get("host"), kwargs.get("port"), kwargs.get("path")), client)
+        seen.setdefault(_address(client), client)
     return list(seen.values())
+
+
+def databases_on(server: redis.Redis, *clients: redis.Redis) -> tuple[int, ...]:
+    """The databases that server and those of clients on the same server use: what a guest may SELECT."""
+    return tuple(sorted({int(c.connection_pool.connection_kwargs.get("db") or 0)
+                         for c in (server, *clients) if _address(c) == _address(server)}))
 
 
 def _save(client: redis.Redis) -> None:
@@ -119,10 +134,14 @@ def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
     a guest that connects in between is refused and retries (kombu counts an authentication
     error as a connection error).
     """
-    password = acl_password(instance_id, request_id)
-    for client in distinct_servers(*clients):
-        client.execute_command("ACL", "SETUSER", user_name(instance_id), *acl_rules(instance_id, password))
+    for server in distinct_servers(*clients):
+        _mint_on(server, instance_id, request_id, databases_on(server, *clients))
     return user_name(instance_id)
+
+
+def _mint_on(server: redis.Redis, instance_id: str, request_id: str, databases: tuple[int, ...]) -> None:
+    rules = acl_rules(instance_id, acl_password(instance_id, request_id), databases)
+    server.execute_command("ACL", "SETUSER", user_name(instance_id), *rules)
 
 
 def revoke(instance_id: str, *clients: redis.Redis) -> bool:
@@ -139,16 +158,18 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
 HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
 
 
-def restore_missing(client: redis.Redis, server: redis.Redis | None = None) -> list[str]:
+def restore_missing(client: redis.Redis, server: redis.Redis | None = None, *others: redis.Redis) -> list[str]:
     """Mint again, on ``server`` (the broker, by default), the users of live instances it lacks; their ids.
 
     Guests' users are not saved in an ACL file (`mint`), so a restarted broker, or a restarted
     result backend when it is another server, has none. The passwords are derived, so the same
     users come back and the guests reconnect as before. Run by each taskmanager node, for each
     server, at start and whenever that server restarted (a new run id) or failed. The instance
-    records are read from ``client``, the broker.
+    records are read from ``client``, the broker; ``others`` are the other clients of the
+    control plane (the result backend's), whose databases on ``server`` guests may select too.
     """
     server = client if server is None else server
+    databases = databases_on(server, client, *others)
     users = {_text(u) for u in server.execute_command("ACL", "USERS")}
     restored = []
     for raw in client.zrange(RECORD_INDEX_KEY, 0, -1):
@@ -158,7 +179,7 @@ def restore_missing(client: redis.Redis, server: redis.Redis | None = None) -> l
         status, request_id = client.hmget(record_key(instance_id), ["status", "request_id"])
         status, request_id = _text(status), _text(request_id)
         if status in HOLDS_USER and request_id:
-            mint(instance_id, request_id, server)
+            _mint_on(server, instance_id, request_id, databases)
             restored.append(instance_id)
     if restored:
         where = server.connection_pool.connection_kwargs

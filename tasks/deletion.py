@@ -23,11 +23,12 @@ from typing import Any
 from celery import Task
 
 from berth.ids import deadletter_key, guest_task_id
+from berth.untrusted import list_length
 from tasks import app, credentials, heartbeats, queues, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import InstanceNotDeleting, InstanceNotFound
 from tasks.records import InstanceRecord, Status
-from tasks.runtime import records, redis_client, result_client, setting
+from tasks.runtime import raw_redis_client, raw_result_client, records, redis_client, result_client, setting
 from tasks.taskmanager import (
     Step,
     audit_counts,
@@ -92,9 +93,9 @@ def shutdown_guest(self: Task, instance_id: str) -> str:
                        task_id=shutdown_id, expires=utc_datetime(now + setting("shutdown_deadline_s")),
                        key=credentials.key_of(record))
         sent_at = records().set_once(instance_id, "shutdown_sent_at", now)
-        answer = waiting.wait_for_result(result_client(), shutdown_id, setting("verify_reply_wait_s"))
+        answer = waiting.wait_for_result(raw_result_client(), shutdown_id, setting("verify_reply_wait_s"))
     else:
-        answer = waiting.peek(result_client(), shutdown_id)
+        answer = waiting.peek(raw_result_client(), shutdown_id)
     if _shutdown_answered(instance_id, answer):
         return instance_id
     if time.time() >= sent_at + setting("shutdown_deadline_s"):
@@ -146,12 +147,12 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
         # The chain's next step is queued or counting down; it stops as soon as it runs.
         raise self.retry(countdown=CHAIN_STOP_POLL_S)
     DRIVERS[record["boot"]].destroy(instance_id)
-    dead_letters = int(redis_client().llen(deadletter_key(instance_id)))
+    dead_letters = list_length(redis_client(), deadletter_key(instance_id))
     # The guest's broker user first (Redis drops its connections): a guest still running
     # somewhere can write none of the keys removed next.
     credentials.revoke(instance_id, redis_client(), result_client())
     heartbeats.forget(redis_client(), instance_id)
-    removed = queues.remove_instance_keys(redis_client(), result_client(), instance_id,
+    removed = queues.remove_instance_keys(raw_redis_client(), raw_result_client(), instance_id,
                                           extra_task_ids=(record["request_id"],))
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
                          deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,

@@ -21,10 +21,11 @@ import time
 import uuid
 from typing import Any
 
-from berth.guestapi import UnknownOperation, check_arguments, operation
+from berth.guestapi import UnknownOperation, check_answer, check_arguments, check_pong, operation
 from berth.ids import guest_task_prefix, request_tag, result_key
 from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.spec import InvalidField, check_instance_id
+from berth.untrusted import Malformed
 from tasks import app, credentials, heartbeats, queues, waiting
 from tasks.errors import (
     GuestError,
@@ -36,7 +37,7 @@ from tasks.errors import (
     from_invalid_field,
 )
 from tasks.records import SERVING, InstanceRecord
-from tasks.runtime import records, redis_client, result_client, setting
+from tasks.runtime import raw_result_client, records, redis_client, result_client, setting
 
 log = logging.getLogger("berth.guestapi")
 
@@ -97,9 +98,9 @@ def ping_check(record: InstanceRecord) -> bool:
     age = heartbeats.age_s(record)
     ping_id = _publish(record, "guest.ping", {}, f"{guest_task_prefix(record.instance_id)}apiping."
                                                  f"{uuid.uuid4().hex[:12]}", timeout)
-    answer = waiting.wait_for_result(result_client(), ping_id, timeout)
+    answer = waiting.wait_for_result(raw_result_client(), ping_id, timeout)
     result_client().delete(result_key(ping_id))
-    if answer is None or not answer.ok:
+    if answer is None or not answer.ok or check_pong(answer.result, record.instance_id) is None:
         heard = "never heard from" if age is None else f"last heartbeat {age:.0f} s ago"
         raise GuestUnreachable(f"guest of {record.instance_id} did not answer a ping within {timeout:g} s "
                                f"({heard}): nothing sent")
@@ -121,7 +122,7 @@ def call(instance_id: object, name: str, arguments: dict[str, Any] | None = None
     """
     iid, checked, timeout = _checked(instance_id, name, dict(arguments or {}), timeout_s)
     task_id = message_id(iid, name, request_id) if request_id else None
-    answer = waiting.peek(result_client(), task_id) if task_id else None
+    answer = waiting.peek(raw_result_client(), task_id) if task_id else None
     started = time.monotonic()
     if answer is None:
         record = serving(iid)
@@ -133,7 +134,7 @@ def call(instance_id: object, name: str, arguments: dict[str, Any] | None = None
         if cast:
             log.info("instance %s: cast %s (%s)", iid, name, task_id)
             return {"instance_id": iid, "operation": name, "guest_task_id": task_id, "pinged": pinged}
-        answer = waiting.wait_for_result(result_client(), task_id, timeout)
+        answer = waiting.wait_for_result(raw_result_client(), task_id, timeout)
     if answer is None:
         raise GuestTimeout(f"guest of {iid} did not answer {name} within {timeout:g} s (if it had not taken the "
                            "message by then, it never runs it: the message expires)")
@@ -143,4 +144,7 @@ def call(instance_id: object, name: str, arguments: dict[str, Any] | None = None
              answer.state)
     if not answer.ok:
         raise GuestError(f"guest of {iid}: {name} failed: {answer.error()}")
-    return answer.result
+    try:
+        return check_answer(name, answer.result)
+    except Malformed as exc:
+        raise GuestError(f"guest of {iid}: {name}: malformed answer: {exc}") from None

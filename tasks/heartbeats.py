@@ -12,6 +12,12 @@ guest's key. Each taskmanager node, every ``berth_heartbeat_check_s``:
 - marks UNKNOWN every ACTIVE or SHUTDOWN instance not heard from for ``berth_heartbeat_expiry_s``
   (counted on the broker's clock, TIME, from its last report or from when it became ACTIVE).
 
+A guest's list holds whatever that guest pushed: the reports are taken with their size checked
+on the broker (a report over ``MAX_REPORT_BYTES`` is never sent here, only its length), and
+each guest's reports are parsed, checked and applied on their own, so one guest's garbage (not
+UTF-8, nested, huge, the list made a hash) is refused for that guest alone, in one warning a
+minute, and never stops the round for the others or the expiry pass.
+
 Both are compare-and-set Lua calls on the record: two nodes, or a delete under way, never
 fight over a status. Watched instances are the members of ``berth:heartbeat-index``, scored by
 when they were last heard from.
@@ -19,7 +25,6 @@ when they were last heard from.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -29,6 +34,15 @@ import redis
 from berth.ids import RECORD_INDEX_KEY, heartbeat_key, record_key
 from berth.keys import guest_key
 from berth.steps import ThreadStep
+from berth.untrusted import (
+    MAX_REPORT_BYTES,
+    Malformed,
+    RateLimitedLog,
+    decode_json,
+    describe_oversized,
+    one_line,
+    take_lists,
+)
 from tasks.records import log_transition, text
 
 log = logging.getLogger("berth.heartbeats")
@@ -130,30 +144,31 @@ def stale(record: Any, stale_after_s: float, now: float | None = None) -> bool:
 
 # What a report may say of its datastore (guest/datastores); anything else is refused.
 DATASTORE_STATES = frozenset({"running", "down", "stopped", "not prepared"})
-MAX_REPORT_BYTES = 4096
-# A guest sending bad reports gets one warning in this many seconds, not one per report.
-WARN_EVERY_S = 60.0
-_warned: dict[str, float] = {}
+# A report is an object holding an object: nothing nests deeper.
+MAX_REPORT_DEPTH = 3
+_complaints = RateLimitedLog(log)
 
-
-def parse_report(instance_id: str, request_id: str, raw: str) -> dict[str, Any] | None:
-    """The report if it is well formed, for this instance and signed with its guest's key."""
+def parse_report(instance_id: str, request_id: str, raw: bytes | int) -> dict[str, Any]:
+    """The report if it is well formed, for this instance and signed with its guest's key; else Malformed."""
+    if isinstance(raw, int):
+        raise Malformed(describe_oversized(raw, "a report", MAX_REPORT_BYTES))
+    envelope = decode_json(raw, "report", MAX_REPORT_BYTES, MAX_REPORT_DEPTH)
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("report"), dict):
+        raise Malformed("a report is not an object holding a report")
+    report, mac = envelope["report"], envelope.get("mac")
+    if report.get("instance_id") != instance_id:
+        raise Malformed("a report is for another instance")
+    seq = report.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**62:
+        raise Malformed("a report's seq is not a number")
+    if report.get("datastore_status") not in DATASTORE_STATES:
+        raise Malformed("a report's datastore_status is not one of " + ", ".join(sorted(DATASTORE_STATES)))
     try:
-        envelope = json.loads(raw) if len(raw) <= MAX_REPORT_BYTES else None
-        report, mac = envelope["report"], envelope["mac"]  # type: ignore[index]
-        ok = (isinstance(report, dict) and report.get("instance_id") == instance_id
-              and isinstance(report.get("seq"), int) and report.get("datastore_status") in DATASTORE_STATES
-              and guest_key(instance_id, request_id).verify_report(report, mac))
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        now = time.monotonic()
-        if now - _warned.get(instance_id, -WARN_EVERY_S) >= WARN_EVERY_S:
-            _warned[instance_id] = now
-            log.warning("instance %s: refused a heartbeat that is malformed, too large, for another instance or "
-                        "not signed with its guest's key (further ones for %g s are refused quietly)", instance_id,
-                        WARN_EVERY_S)
-        return None
+        signed = isinstance(mac, str) and guest_key(instance_id, request_id).verify_report(report, mac)
+    except (ValueError, TypeError):
+        signed = False
+    if not signed:
+        raise Malformed("a report is not signed with its guest's key")
     return dict(report)
 
 
@@ -161,6 +176,7 @@ class Monitor:
     """Applies reports and expiries; one per taskmanager node (`HeartbeatMonitor`)."""
 
     def __init__(self, client: redis.Redis, expiry_s: float) -> None:
+        """``client`` returns bytes: the reports are a guest's (its replies are read with `text`)."""
         self.client, self.expiry_s = client, expiry_s
         self._apply = client.register_script(_APPLY)
         self._expire = client.register_script(_EXPIRE)
@@ -174,24 +190,32 @@ class Monitor:
         seconds, micros = self.client.time()
         broker_now = float(seconds) + float(micros) / 1e6
         for raw in self.client.zrange(HEARTBEAT_INDEX_KEY, "-inf", broker_now - self.expiry_s, byscore=True):
-            instance_id = text(raw)
-            outcome, old, since, heard, stamp = (text(v) for v in self._expire(
-                keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY], args=[instance_id, self.expiry_s]))
-            if outcome == "changed":
-                counts["expired"] += 1
-                now = float(stamp)
-                log_transition(instance_id, old, "UNKNOWN", "heartbeat",
-                               {"error": f"no heartbeat for {now - float(heard):.1f} s"},
-                               duration_s=_duration(since, now))
+            self._each(text(raw), self._expire_one, counts)
         return counts
 
+    def _each(self, instance_id: str, work: Any, *args: Any) -> None:
+        """``work(instance_id, *args)``; a failure other than the broker's is this instance's alone."""
+        try:
+            work(instance_id, *args)
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one instance never stops the round for the others
+            _complaints.warn(instance_id, "instance %s: heartbeat round failed for it (%s: %s)", instance_id,
+                             type(exc).__name__, one_line(exc, 200))
+
+    def _expire_one(self, instance_id: str, counts: dict[str, int]) -> None:
+        outcome, old, since, heard, stamp = (text(v) for v in self._expire(
+            keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY], args=[instance_id, self.expiry_s]))
+        if outcome == "changed":
+            counts["expired"] += 1
+            now = float(stamp)
+            log_transition(instance_id, old, "UNKNOWN", "heartbeat",
+                           {"error": f"no heartbeat for {now - float(heard):.1f} s"}, duration_s=_duration(since, now))
+
     def _take_reports(self, watched: list[str], counts: dict[str, int]) -> None:
-        with self.client.pipeline(transaction=True) as pipe:
-            for instance_id in watched:
-                # The newest only: a guest that pushes more than it should costs nothing more.
-                pipe.lrange(heartbeat_key(instance_id), -KEEP_REPORTS, -1)
-                pipe.delete(heartbeat_key(instance_id))
-            taken = pipe.execute()[::2]
+        # The newest only: a guest that pushes more than it should costs nothing more.
+        taken = take_lists(self.client, [heartbeat_key(i) for i in watched], -KEEP_REPORTS, -1, MAX_REPORT_BYTES,
+                           delete=True)
         pending = [(iid, reports) for iid, reports in zip(watched, taken, strict=True) if reports]
         if not pending:
             return
@@ -200,12 +224,20 @@ class Monitor:
                 pipe.hget(record_key(instance_id), "request_id")
             request_ids = pipe.execute()
         for (instance_id, reports), request_id in zip(pending, request_ids, strict=True):
-            if request_id is None:
-                continue
-            parsed = [p for p in (parse_report(instance_id, text(request_id), text(r)) for r in reports) if p]
-            counts["refused"] += len(reports) - len(parsed)
-            for report in sorted(parsed, key=lambda p: int(p["seq"])):
-                self.apply(instance_id, report, counts)
+            if request_id is not None:
+                self._each(instance_id, self._apply_reports, text(request_id), reports, counts)
+
+    def _apply_reports(self, instance_id: str, request_id: str, reports: list[Any], counts: dict[str, int]) -> None:
+        """One guest's reports: its garbage is refused here, and only its own."""
+        parsed = []
+        for raw in reports:
+            try:
+                parsed.append(parse_report(instance_id, request_id, raw))
+            except Malformed as exc:
+                counts["refused"] += 1
+                _complaints.warn(instance_id, "instance %s: refused a heartbeat: %s", instance_id, exc)
+        for report in sorted(parsed, key=lambda p: int(p["seq"])):
+            self.apply(instance_id, report, counts)
 
     def apply(self, instance_id: str, report: dict[str, Any], counts: dict[str, int] | None = None) -> str:
         """Apply one checked report; return the outcome (applied, changed, out_of_order, not_serving)."""
@@ -242,8 +274,8 @@ class HeartbeatMonitor(ThreadStep):
 
     def start(self, worker: Any) -> None:
         conf = worker.app.conf
-        client = redis.Redis.from_url(conf.broker_url, decode_responses=True, socket_connect_timeout=2.0,
-                                      socket_timeout=10.0)
+        # Bytes, not text: the heartbeat lists hold whatever their guests pushed.
+        client = redis.Redis.from_url(conf.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0)
         monitor = Monitor(client, float(conf.berth_heartbeat_expiry_s))
         period = float(conf.berth_heartbeat_check_s)
 

@@ -141,14 +141,15 @@ class Lease:
         # Guests' users, on the broker and on the result backend (when it is another server), at
         # start and whenever one restarted (a new run id) or failed: they are in no ACL file.
         servers = self.servers()
+        distinct = credentials.distinct_servers(*servers)
         check_users = True
         runs: dict[int, str] = {}
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                for n, server in enumerate(servers):
+                for n, server in enumerate(distinct):
                     run_id = str(server.info("server").get("run_id"))
                     if check_users or run_id != runs.get(n):
-                        credentials.restore_missing(self.client, server)
+                        credentials.restore_missing(self.client, server, *servers)
                         runs[n] = run_id
                 check_users = False
                 if not self.renew() and not self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
@@ -167,13 +168,15 @@ class Lease:
                 log.exception("node %s: lease upkeep failed; retrying", self.nodename)
 
     def servers(self) -> list[redis.Redis]:
-        """The broker, and the result backend when it is a Redis server of its own."""
+        """The broker, and the result backend when it is a Redis one."""
         backend = str(self.app.conf.result_backend or "")
         others = []
         if backend.startswith(("redis://", "rediss://", "unix://")):
             others.append(redis.Redis.from_url(backend, decode_responses=True, socket_connect_timeout=2.0,
                                                 socket_timeout=10.0))
-        return credentials.distinct_servers(self.client, *others)
+        # Every client, not one per server: a result backend on the broker's server in another
+        # database is a database guests may select (`credentials.databases_on`).
+        return [self.client, *others]
 
     def start(self) -> None:
         threading.Thread(target=self.keep, name="berth-node-lease", daemon=True).start()

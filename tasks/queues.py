@@ -59,13 +59,17 @@ def exists(client: redis.Redis, instance_id: str) -> bool:
 
 
 def purge(client: redis.Redis, instance_id: str) -> int:
-    """Drop the messages still waiting in the queue (the queue itself stays declared)."""
+    """Drop the messages still waiting in the queue (the queue itself stays declared).
+
+    The guest may have made any of its lists something else: such a key is deleted all the same,
+    and counts no message.
+    """
     with client.pipeline() as pipe:
         for name in queue_lists(instance_id):
             pipe.llen(name)
             pipe.delete(name)
-        counts = pipe.execute()
-    return int(sum(counts[::2]))
+        replies = pipe.execute(raise_on_error=False)
+    return sum(n for n in replies[::2] if isinstance(n, int))
 
 
 def forget_unacked(client: redis.Redis, instance_id: str) -> None:
@@ -74,30 +78,54 @@ def forget_unacked(client: redis.Redis, instance_id: str) -> None:
     client.delete(keys["unacked_key"], keys["unacked_index_key"])
 
 
-def instance_keys(client: redis.Redis, instance_id: str) -> list[str]:
-    """The instance's keys on the broker, except its record: its queue (every priority list),
-    the queue's bindings, its guest's unacked keys, its secrets, its dead letters and heartbeats."""
-    keys = [*queue_lists(instance_id), *binding_keys(instance_id), *unacked_keys(instance_id).values(),
+def instance_key_names(instance_id: str) -> list[str]:
+    """The instance's keys with fixed names, except its record: its queue (every priority list), the
+    queue's bindings, its guest's unacked keys, its secrets, its dead letters and heartbeats."""
+    return [*queue_lists(instance_id), *binding_keys(instance_id), *unacked_keys(instance_id).values(),
             secrets_key(instance_id), deadletter_key(instance_id), heartbeat_key(instance_id)]
-    return [k for k in keys if client.exists(k)]
 
 
-def result_keys(client: redis.Redis, instance_id: str) -> list[str]:
-    """Every stored result whose task id names the instance.
+def result_keys(client: redis.Redis, instance_id: str) -> list[bytes]:
+    """Every stored result whose task id names the instance, as the key's bytes.
 
     Task ids start with ``<id>.`` and ids hold no dot, so ``db-1`` never matches ``db-10``'s.
+    Bytes, whatever ``client`` decodes: a guest may store results under any bytes after its
+    prefix, and such a name must neither stop the scan nor be missed by it.
     """
-    return [str(k) for k in client.scan_iter(match=f"{RESULT_KEY_PREFIX}{instance_id}.*", count=1000)]
+    raw = redis.Redis(connection_pool=_bytes_pool(client))
+    return [bytes(k) for k in raw.scan_iter(match=f"{RESULT_KEY_PREFIX}{instance_id}.*", count=1000)]
+
+
+def _bytes_pool(client: redis.Redis) -> redis.ConnectionPool:
+    kwargs = client.connection_pool.connection_kwargs
+    if not kwargs.get("decode_responses"):
+        return client.connection_pool
+    return redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
+                                **{**kwargs, "decode_responses": False})
+
+
+def _databases(*clients: redis.Redis) -> list[redis.Redis]:
+    """One client per distinct server and database among clients."""
+    seen: dict[tuple[object, ...], redis.Redis] = {}
+    for client in clients:
+        kwargs = client.connection_pool.connection_kwargs
+        seen.setdefault((kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db") or 0), client)
+    return list(seen.values())
 
 
 def remove_instance_keys(broker: redis.Redis, results: redis.Redis, instance_id: str,
                          extra_task_ids: tuple[str, ...] = ()) -> int:
-    """Delete every key of the instance but its record (and extra_task_ids' results); how many."""
+    """Delete every key of the instance but its record (and extra_task_ids' results); how many.
+
+    In each database its guest may select (the broker's and the result backend's: its user may
+    select no other) every key that guest could have written goes, whatever its type or the
+    bytes of its name.
+    """
     removed = 0
-    if keys := instance_keys(broker, instance_id):
-        removed += int(broker.delete(*keys))
-    if keys := result_keys(results, instance_id) + [result_key(t) for t in extra_task_ids]:
-        removed += int(results.delete(*keys))
+    for client in _databases(broker, results):
+        keys: list[str | bytes] = [*instance_key_names(instance_id), *(result_key(t) for t in extra_task_ids)]
+        keys += result_keys(client, instance_id)
+        removed += int(client.delete(*keys))
     return removed
 
 

@@ -25,6 +25,18 @@ def result_client() -> redis.Redis:
                                 socket_connect_timeout=2.0, health_check_interval=30)
 
 
+@functools.cache
+def raw_redis_client() -> redis.Redis:
+    """A client on the broker's Redis that returns bytes: for what a guest may have written."""
+    return redis.Redis.from_url(app.conf.broker_url, socket_connect_timeout=2.0, health_check_interval=30)
+
+
+@functools.cache
+def raw_result_client() -> redis.Redis:
+    """A client on the result backend's Redis that returns bytes: guests' answers are read with it."""
+    return redis.Redis.from_url(app.conf.result_backend, socket_connect_timeout=2.0, health_check_interval=30)
+
+
 def records() -> Records:
     return _records()
 

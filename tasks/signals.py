@@ -35,6 +35,21 @@ def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
         return
     if problem:
         log.warning("guests are NOT isolated: %s", problem)
+    warn_about_broker_limits()
+
+
+def warn_about_broker_limits() -> None:
+    """A broker without a memory limit, a safe eviction policy or a value limit: say so at start."""
+    from berth.broker import limit_warnings
+    from tasks.runtime import redis_client
+
+    try:
+        warnings = limit_warnings(redis_client())
+    except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
+        log.warning("could not check the broker's limits: %s", exc)
+        return
+    for warning in warnings:
+        log.warning("broker limits: %s", warning)
 
 
 @worker_shutdown.connect

@@ -23,10 +23,12 @@ from kombu.exceptions import OperationalError
 from berth import metrics
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.failpoints import failpoint
+from berth.guestapi import check_connection, check_count, check_pong
 from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
 from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
+from berth.untrusted import Malformed
 from tasks import app, credentials, heartbeats, queues, secrets, waiting
 from tasks.drivers import DRIVERS
 from tasks.errors import (
@@ -44,7 +46,7 @@ from tasks.errors import (
     from_invalid_field,
 )
 from tasks.records import SERVING, InstanceRecord, Reason, Status
-from tasks.runtime import limits, records, redis_client, result_client, setting
+from tasks.runtime import limits, raw_result_client, records, redis_client, result_client, setting
 
 log = logging.getLogger("berth.taskmanager")
 
@@ -271,16 +273,14 @@ def boot_guest(self: Task, instance_id: str) -> str:
 
 def _as_pong(instance_id: str, answer: waiting.GuestAnswer | None) -> dict[str, Any] | None:
     """The answer if it is a pong from this instance's own guest."""
-    if answer and answer.ok and answer.result.get("instance_id") == instance_id:
-        return dict(answer.result)
-    return None
+    return check_pong(answer.result, instance_id) if answer and answer.ok else None
 
 
 def earlier_pong(instance_id: str, ping_id: Callable[[int], str], attempt: int) -> dict[str, Any] | None:
     """The guest's answer to either of the last two pings, if it answered as this instance."""
     for earlier in (attempt - 1, attempt - 2):
         if earlier >= 0:
-            pong = _as_pong(instance_id, waiting.peek(result_client(), ping_id(earlier)))
+            pong = _as_pong(instance_id, waiting.peek(raw_result_client(), ping_id(earlier)))
             if pong:
                 return pong
     return None
@@ -299,12 +299,12 @@ def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: fl
     if not wait:
         return None
     # Optimistic fast path: a live guest answers in milliseconds.
-    answer = waiting.wait_for_result(result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
+    answer = waiting.wait_for_result(raw_result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
     return _as_pong(instance_id, answer)
 
 
 def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
-    records().update(instance_id, guest_ready_at=time.time(), guest_version=pong.get("version", ""))
+    records().update(instance_id, guest_ready_at=time.time(), guest_version=pong["version"])
     log.info("instance %s: guest answered ping (attempts=%d version=%s)", instance_id, attempts,
              pong.get("version"))
     return instance_id
@@ -388,11 +388,13 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
     # A moment's wait for the answer on the first look, unless other work waits for the slot (the
     # taskmanager's listener, tasks/answers.py, sees the answer the moment it comes anyway).
     wait_s = setting("verify_reply_wait_s") if attempt == 0 and waiting.nothing_queued(redis_client()) else 0.0
-    answer = waiting.wait_for_result(result_client(), prepare_task_id(instance_id, record["request_id"]),
+    answer = waiting.wait_for_result(raw_result_client(), prepare_task_id(instance_id, record["request_id"]),
                                      min(wait_s, max(0.0, deadline_at - now)))
     if answer is not None and answer.ok:
+        answer = prepare_answer(answer)
+    if answer is not None and answer.ok:
         return _activate(instance_id, answer.result)
-    if answer is not None and answer.state == "FAILURE":
+    if answer is not None and answer.state in ("FAILURE", waiting.MALFORMED):
         _fail(instance_id, Reason.PREPARE_FAILED, "verify", answer.error(), PrepareFailed)
     if answer is not None or time.time() >= deadline_at:
         # REVOKED: the guest received prepare after it expired and did not run it.
@@ -404,7 +406,19 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
         f"instance {instance_id}: waiting for prepare, {max(0.0, deadline_at - now):.1f} s left"))
 
 
+def prepare_answer(answer: waiting.GuestAnswer) -> waiting.GuestAnswer:
+    """A successful prepare answer with its connection checked (`check_connection`), or MALFORMED."""
+    if not isinstance(answer.result, dict):
+        return waiting.GuestAnswer(waiting.MALFORMED, "prepare's answer is not an object")
+    try:
+        connection = check_connection(answer.result.get("connection"))
+    except Malformed as exc:
+        return waiting.GuestAnswer(waiting.MALFORMED, str(exc))
+    return waiting.GuestAnswer(answer.state, {**answer.result, "connection": connection})
+
+
 def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """BUILD -> ACTIVE with prepare's answer, once checked by `prepare_answer`."""
     now = time.time()
     records().transition(instance_id, Status.ACTIVE, [Status.BUILD], "verify",
                          active_at=now, connection=result.get("connection") or {}, **audit_counts(result))
@@ -421,8 +435,10 @@ def _activate(instance_id: str, result: dict[str, Any]) -> dict[str, Any]:
 
 def audit_counts(answer: dict[str, Any]) -> dict[str, int]:
     """The guest's own count of prepare deliveries and applications, for the record."""
-    return {f"prepare_{name}": int(answer[name]) for name in ("deliveries", "applied", "rolled_back")
-            if isinstance(answer.get(name), int)}
+    if not isinstance(answer, dict):
+        return {}
+    counts = {f"prepare_{name}": check_count(answer, name) for name in ("deliveries", "applied", "rolled_back")}
+    return {name: count for name, count in counts.items() if count is not None}
 
 
 def utc_datetime(epoch_s: float) -> dt.datetime:

@@ -24,14 +24,16 @@ from kombu.utils.url import maybe_sanitize_url
 
 from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
+from berth.guestapi import check_pong
 from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.keys import KeyProblem, check_master_key
 from berth.spec import InvalidField, check_instance_id
+from berth.untrusted import escape
 from guest.launch import agent_command
 from tasks import app, credentials, guestapi, heartbeats, queues, waiting
 from tasks.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
 from tasks.records import FINAL, SERVING, InstanceRecord, Status
-from tasks.runtime import records, result_client, setting
+from tasks.runtime import raw_redis_client, raw_result_client, records, setting
 from tasks.taskmanager import validated
 from workflows import submit, submit_delete
 
@@ -263,16 +265,17 @@ class Progress:
         self.done = list(finished) if len(finished) > len(self.done) else self.done
         if waiting and (self.live or _ping_of(waiting) != _ping_of(self.pending)):
             if self.live:
-                self.out.write(f"\r\033[K{self.instance_id}: {waiting}")
+                self.out.write(f"\r\033[K{self.instance_id}: {escape(waiting)}")
                 self.out.flush()
             else:
-                print(f"{self.instance_id}: {waiting}", file=self.out, flush=True)
+                print(f"{self.instance_id}: {escape(waiting)}", file=self.out, flush=True)
         self.pending = waiting
 
     def _print(self, line: str) -> None:
         if self.live and self.pending:
             self.out.write("\n")  # the wait's last state stays on screen
-        print(f"{self.instance_id}: {line}", file=self.out, flush=True)
+        # Lines quote what a guest answered: never a control character of its on the terminal.
+        print(f"{self.instance_id}: {escape(line)}", file=self.out, flush=True)
         self.pending = ""
 
 
@@ -316,9 +319,15 @@ def describe(record: InstanceRecord) -> dict[str, Any]:
     return data
 
 
+def _redis_connection(connection: Any) -> bool:
+    """Whether prepare's answer names a Redis to connect to (a guest's answer: its types are checked)."""
+    return isinstance(connection, dict) and connection.get("datastore") == "redis" \
+        and isinstance(connection.get("host"), str) and isinstance(connection.get("port"), int)
+
+
 def connect_hint(record: InstanceRecord) -> dict[str, Any] | None:
     connection = record.get("connection") or {}
-    if record.status is not Status.ACTIVE or connection.get("datastore") != "redis":
+    if record.status is not Status.ACTIVE or not _redis_connection(connection):
         return None
     user = (connection.get("users") or ["USER"])[0]
     prefix = (connection.get("key_prefixes") or ["DB:"])[0]
@@ -348,7 +357,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'ID':<24} {'STATUS':<8} {'REASON':<18} {'DATASTORE':<9} CREATED")
     for r in rows:
-        print(f"{r.instance_id:<24} {r.status.value:<8} {r.reason or '-':<18} {r['datastore']:<9} "
+        print(f"{r.instance_id:<24} {r.status.value:<8} {escape(r.reason or '-'):<18} {escape(r['datastore']):<9} "
               f"{_iso(r['created_at'])}")
     return EXIT_OK
 
@@ -418,7 +427,7 @@ def follow_delete(instance_id: str, sent: Any, timeout_s: float) -> int:
                                "is `celery -A tasks worker -Q taskmanager` running?", EXIT_NO_TASKMANAGER)
         lines = delete_lines(record)
         for line in lines[printed:]:
-            print(f"{instance_id}: {line}", flush=True)
+            print(f"{instance_id}: {escape(line)}", flush=True)
         printed = max(printed, len(lines))
         if record.status is Status.DELETED:
             return EXIT_OK
@@ -437,10 +446,12 @@ def cmd_ping(args: argparse.Namespace) -> int:
                        key=credentials.key_of(record))
     except QueueMissing as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
-    answer = waiting.wait_for_result(result_client(), ping_id, args.timeout)
-    if answer is None or not answer.ok:
-        raise CliError(f"guest of {instance_id} did not answer within {args.timeout:g} s", EXIT_FAILED)
-    print(json.dumps({**answer.result, "round_trip_ms": round((time.monotonic() - started) * 1000, 1)}))
+    answer = waiting.wait_for_result(raw_result_client(), ping_id, args.timeout)
+    pong = check_pong(answer.result, instance_id) if answer is not None and answer.ok else None
+    if pong is None:
+        why = "did not answer" if answer is None else f"answered no pong ({answer.error()})"
+        raise CliError(f"guest of {instance_id} {why} within {args.timeout:g} s", EXIT_FAILED)
+    print(json.dumps({**pong, "round_trip_ms": round((time.monotonic() - started) * 1000, 1)}))
     return EXIT_OK
 
 
@@ -449,7 +460,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
     instance_id = _checked_id(args.instance_id)
     check_broker()
-    print(json.dumps(deadletters.read(records().client, instance_id, limit=args.limit), indent=2, sort_keys=True))
+    print(json.dumps(deadletters.read(raw_redis_client(), instance_id, limit=args.limit), indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -485,5 +496,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + "\n".join(escape(line) for line in str(exc).split("\n")), file=sys.stderr)
         return exc.code
