@@ -446,6 +446,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
                        key=credentials.key_of(record))
     except QueueMissing as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
+    except (OperationalError, redis.RedisError) as exc:
+        raise CliError(f"could not send the ping to guest.{instance_id}: {exc}", EXIT_FAILED) from exc
     answer = waiting.wait_for_result(raw_result_client(), ping_id, args.timeout)
     pong = check_pong(answer.result, instance_id) if answer is not None and answer.ok else None
     if pong is None:
