@@ -14,7 +14,15 @@ from typing import Any
 
 import redis
 
-from berth.ids import deadletter_key, guest_task_prefix, heartbeat_key, queue_lists, result_key, unacked_keys
+from berth.ids import (
+    deadletter_key,
+    guest_task_prefix,
+    heartbeat_key,
+    queue_lists,
+    record_key,
+    result_key,
+    unacked_keys,
+)
 
 # Answers a message: (task name, task id) -> the bytes of the result document to store, or None.
 Answerer = Callable[[str, str], "bytes | None"]
@@ -100,3 +108,19 @@ def pong(instance_id: str, version: str = "hostile") -> bytes:
 def prepared(instance_id: str) -> bytes:
     return result_document("SUCCESS", {"instance_id": instance_id, "connection": {"datastore": "noop"},
                                        "deliveries": 1, "applied": 1, "rolled_back": 0})
+
+
+def printable(text: str) -> bool:
+    """Nothing a terminal would act on: every character printable, or a newline."""
+    return all(c.isprintable() or c == "\n" for c in text)
+
+
+def keys_naming(client: redis.Redis, instance_id: str) -> list[tuple[int, bytes]]:
+    """Every key, in every database, whose name holds the instance id, but its audit record."""
+    found = []
+    for db in range(16):
+        client.execute_command("SELECT", db)
+        found += [(db, k) for k in client.scan_iter(count=1000)
+                  if instance_id.encode() in k and k != record_key(instance_id).encode()]
+    client.execute_command("SELECT", 0)
+    return found

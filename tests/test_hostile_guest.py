@@ -25,10 +25,10 @@ import redis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from berth.ids import guest_task_prefix, record_key
+from berth.ids import guest_task_prefix
 from tasks.records import Records, Status
 from tests.helpers import celery, wait_for_status, wait_until
-from tests.hostile import HostileGuest, result_document
+from tests.hostile import HostileGuest, keys_naming, printable, result_document
 
 EXPIRY_S, CHECK_S = 4.0, 0.5
 FAST = {"BERTH_HEARTBEAT_INTERVAL_S": "0.5", "BERTH_HEARTBEAT_EXPIRY_S": str(EXPIRY_S),
@@ -121,18 +121,6 @@ class Attack:
         assert not self.thread.is_alive(), "the attack did not stop by itself"
 
 
-def _printable(text: str) -> bool:
-    return all(c.isprintable() or c == "\n" for c in text)
-
-
-def _keys_naming(client: redis.Redis, instance_id: str) -> list[tuple[int, bytes]]:
-    found = []
-    for db in range(16):
-        client.execute_command("SELECT", db)
-        found += [(db, k) for k in client.scan_iter(count=1000)
-                  if instance_id.encode() in k and k != record_key(instance_id).encode()]
-    client.execute_command("SELECT", 0)
-    return found
 
 
 def test_a_hostile_guest_harms_nobody_else(stack: Any) -> None:
@@ -214,7 +202,7 @@ def test_a_hostile_guest_harms_nobody_else(stack: Any) -> None:
     # Its own delete completes and leaves nothing behind, in any database, whatever the names' bytes.
     cli("delete", "evil", "--wait")
     assert records.get("evil").status is Status.DELETED  # type: ignore[union-attr]
-    assert _keys_naming(redis.Redis.from_url(stack.broker.url), "evil") == []
+    assert keys_naming(redis.Redis.from_url(stack.broker.url), "evil") == []
     assert not redis.Redis.from_url(stack.broker.url).scan(match=f"*{guest_task_prefix('evil')}*")[1]
-    assert all(_printable(text) for text in printed), [t for t in printed if not _printable(t)]
+    assert all(printable(text) for text in printed), [t for t in printed if not printable(t)]
     guest.stop()

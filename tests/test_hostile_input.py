@@ -35,7 +35,7 @@ from tasks import answers, guestapi, heartbeats, queues, waiting
 from tasks.errors import GuestError
 from tasks.records import Records, Status
 from tests.helpers import Proc, guest_identity, project_env, unique_id, wait_for_status, wait_until, workflows_cli
-from tests.hostile import HostileGuest, pong, prepared, result_document
+from tests.hostile import HostileGuest, keys_naming, pong, prepared, printable, result_document
 from workflows import provision_chain
 
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -44,9 +44,6 @@ ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(al
 NASTY_PIECES = ["\x1b", "[2J", "\n", "\r", "\x07", "\u202e", "\x00", "\x9b", "a", "é", "\ud800"]
 NASTY_TEXT = st.lists(st.sampled_from(NASTY_PIECES), max_size=30).map("".join)
 
-
-def printable(text: str) -> bool:
-    return all(c.isprintable() or c == "\n" for c in text)
 
 
 @pytest.fixture
@@ -148,16 +145,6 @@ def test_the_prepare_answer_listener_outlives_anything_published_on_its_channels
 # --- delete ---------------------------------------------------------------------------------------
 
 
-def _keys_naming(client: redis.Redis, instance_id: str) -> list[tuple[int, bytes]]:
-    """Every key in every database that names the instance, but its audit record."""
-    found = []
-    for db in range(16):
-        client.execute_command("SELECT", db)
-        found += [(db, k) for k in client.scan_iter(count=1000)
-                  if instance_id.encode() in k and k != record_key(instance_id).encode()]
-    client.execute_command("SELECT", 0)
-    return found
-
 
 @pytest.mark.usefixtures("taskmanager")
 def test_a_guest_can_neither_make_its_delete_fail_nor_leave_a_key_behind(new_id: Any, records: Records) -> None:
@@ -186,7 +173,7 @@ def test_a_guest_can_neither_make_its_delete_fail_nor_leave_a_key_behind(new_id:
         guest.stop()
     assert records.get(instance_id).status is Status.DELETED  # type: ignore[union-attr]
     admin = redis.Redis.from_url(app.conf.broker_url)
-    assert _keys_naming(admin, instance_id) == []
+    assert keys_naming(admin, instance_id) == []
 
 
 # --- control characters ---------------------------------------------------------------------------
