@@ -18,6 +18,7 @@ import sys
 
 from berth.metrics import register as _register_berth_metrics
 from berth.paths import berth_home, create_once
+from tasks.runtime import redis_client
 
 if not os.environ.get("FLOWER_BASIC_AUTH"):
     _auth_file = berth_home() / "flower.auth"
@@ -25,4 +26,4 @@ if not os.environ.get("FLOWER_BASIC_AUTH"):
     print(f"flower: basic auth required (user admin; password in {_auth_file})", file=sys.stderr)
 
 # Once per process, however often this file is executed.
-_register_berth_metrics()
+_register_berth_metrics(redis_client)

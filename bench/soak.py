@@ -51,8 +51,8 @@ os.environ["CELERY_BROKER_URL"] = os.environ["CELERY_RESULT_BACKEND"] = BROKER.u
 import redis  # noqa: E402
 
 from berth.paths import PROJECT_DIR  # noqa: E402
+from berth.records import Records  # noqa: E402
 from tasks.drivers import LocalDriver  # noqa: E402
-from tasks.records import Records  # noqa: E402
 
 GUEST_CRASHES = {"none": 0.6, "guest_kill": 0.25, "guest_freeze": 0.15}
 CYCLE_TIMEOUT_S = 180.0

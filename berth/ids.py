@@ -132,3 +132,24 @@ RECORD_INDEX_KEY = "berth:instances"
 # Instances with a chain under way (BUILD, DELETING), scored by when a step of theirs last ran:
 # what `tasks.reconcile` watches for a chain whose message was lost.
 INFLIGHT_KEY = "berth:inflight"
+
+# Metrics kept in the broker's Redis (berth/metrics.py): step duration histograms, status changes.
+STEP_HISTOGRAM_KEY = "berth:metrics:steps"
+TRANSITIONS_KEY = "berth:metrics:transitions"
+
+# Taskmanager nodes (tasks/nodes.py): the set of nodes, each node's lease and its unacked keys.
+NODES_KEY = "berth:nodes"
+
+
+def lease_key(nodename: str) -> str:
+    return f"berth:node:{nodename}"
+
+
+def node_unacked_keys(nodename: str) -> dict[str, str]:
+    return {"unacked_key": f"unacked.node.{nodename}",
+            "unacked_index_key": f"unacked_index.node.{nodename}",
+            "unacked_mutex_key": f"unacked_mutex.node.{nodename}"}
+
+
+# The task the reconciler sends to resume a stalled chain (tasks/reconcile.py, workflows/tasks.py).
+RESUME_TASK = "workflows.resume"

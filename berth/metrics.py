@@ -8,7 +8,7 @@ process can export:
   ``<step>|sum`` and ``<step>|count``; one observation per step of an instance, from the step's
   first run to its success, retries included (`step_started`, `step_succeeded`);
 - ``berth:metrics:transitions`` (hash): fields ``<from>|<to>``, one count per status change
-  (`tasks.records.Records.transition` counts in its Lua call, `tasks.records.log_transition`
+  (`berth.records.Records.transition` counts in its Lua call, `berth.records.log_transition`
   for writers that change a status themselves).
 
 `BerthCollector` reads them, and the statuses of all instance records, at scrape time; Flower
@@ -19,14 +19,13 @@ for a metric.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from prometheus_client.core import (
@@ -39,15 +38,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, record_key
-
-if TYPE_CHECKING:
-    from tasks.records import Records
+from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, record_key
+from berth.logs import structured
+from berth.records import Records, Status
 
 log = logging.getLogger("berth.metrics")
 
-STEP_HISTOGRAM_KEY = "berth:metrics:steps"
-TRANSITIONS_KEY = "berth:metrics:transitions"
 # Seconds. ping_guest waits for a booting guest (up to its deadline), hence the long tail.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
 BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS)
@@ -106,47 +102,7 @@ return text
 """
 
 
-def structured(human: str, **fields: Any) -> str:
-    """A log line both people and programs read: ``<human text> <one JSON object>``.
-
-    The JSON object starts at the line's first ``{`` (the human part never holds one) and ends
-    with the line; values are JSON (strings, numbers, null).
-    """
-    return f"{human} {json.dumps(fields, default=str)}"
-
-
-def parse_structured(line: str) -> dict[str, Any] | None:
-    """The JSON object of a `structured` line (a log line of any format around it), or None."""
-    start = line.find("{")
-    if start < 0:
-        return None
-    try:
-        value = json.loads(line[start:].strip())
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def transition_line(instance_id: str, old: str, new: str, step: str, fields: dict[str, Any],
-                    duration_s: float | None) -> str:
-    """The log line of one status change: ``instance db-1: BUILD -> ACTIVE (step=verify) {json}``.
-
-    The JSON object has ``event`` ("transition"), ``instance_id``, ``from``, ``to``, ``step``,
-    ``duration_s`` (seconds in ``from``, null when unknown), and ``reason`` and ``error`` when the
-    change has them (errors hold no passwords; nothing else of ``fields`` is written).
-    """
-    detail = {k: str(fields[k]) for k in ("reason", "error") if fields.get(k) is not None}
-    return structured(f"instance {instance_id}: {old} -> {new} (step={step})", event="transition",
-                      instance_id=instance_id, **{"from": old, "to": new}, step=step,
-                      duration_s=None if duration_s is None else round(duration_s, 4), **detail)
-
-
 # --- Recording (taskmanager processes) ----------------------------------------------------------
-
-def count_transition(client: redis.Redis, old: str, new: str) -> None:
-    """Count one status change ``old -> new``."""
-    client.hincrby(TRANSITIONS_KEY, f"{old}|{new}", 1)
-
 
 _BOUNDS = [str(b) for b in BUCKETS[:-1]] + ["inf"]
 
@@ -192,15 +148,7 @@ def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, 
 
 # --- Export (Flower, or any process) ------------------------------------------------------------
 
-def _broker_client() -> redis.Redis:
-    from tasks.runtime import redis_client
-
-    return redis_client()
-
-
 def _statuses() -> tuple[str, ...]:
-    from tasks.records import Status
-
     return tuple(s.value for s in Status)
 
 
@@ -214,7 +162,7 @@ class BerthCollector(Collector):
     - ``berth_transitions_total{from,to}``: status changes.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis] = _broker_client) -> None:
+    def __init__(self, client: Callable[[], redis.Redis]) -> None:
         self._client = client
 
     def describe(self) -> Iterable[Metric]:
@@ -291,12 +239,12 @@ def _text(value: Any) -> str:
 _registered: weakref.WeakKeyDictionary[CollectorRegistry, BerthCollector] = weakref.WeakKeyDictionary()
 
 
-def register(registry: CollectorRegistry = REGISTRY) -> BerthCollector:
-    """Register Berth's collector (once: a second call returns the first collector)."""
+def register(client: Callable[[], redis.Redis], registry: CollectorRegistry = REGISTRY) -> BerthCollector:
+    """Register Berth's collector, reading through ``client`` (once: a second call returns the first)."""
     collector = _registered.get(registry)
     if collector is not None:
         return collector
-    collector = BerthCollector()
+    collector = BerthCollector(client)
     try:
         registry.register(collector)
     except ValueError as exc:

@@ -12,80 +12,20 @@ for a guest started by hand (guest/authn.py, tasks/credentials.py).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
-import click
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from berth.config import UnsafeSettings, ensure_safe
-from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE, guest_queue, unacked_keys
-from berth.keys import GuestKey, KeyProblem
+from berth.ids import guest_queue, unacked_keys
+from berth.keys import KeyProblem
 from berth.paths import guest_dir
 from berth.unacked import RestoreOwnUnacked, use_own_hash
-from guest.authn import SpentIds
+from guest.celery_app import app
+from guest.heartbeat import Heartbeat
+from guest.identity import Identity, identity, load_identity
 from guest.recovery import AgentRunning, hold_agent_lock
-
-app = Celery("guest")
-app.config_from_object("celeryconfig")
-app.conf.update(
-    include=["guest.agent", "guest.api"],
-    worker_prefetch_multiplier=1,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_enable_remote_control=False,
-    # Events would need PUBLISH on a channel every worker shares: a guest's broker user has none.
-    worker_send_task_events=False,
-    task_send_sent_event=False,
-    # Messages it cannot accept are dead-lettered (berth:deadletter:ID) and dropped, never retried.
-    worker_consumer="guest.consumer:DeadLetteringConsumer",
-    berth_instance_id=None,
-)
-
-
-def _check_instance_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not INSTANCE_ID_RE.fullmatch(value):
-        raise click.BadParameter(f"{value!r} is not an instance id: expected {INSTANCE_ID_FORMAT}")
-    return value
-
-
-app.user_options["worker"].add(click.Option(
-    ["--instance-id"], required=True, callback=_check_instance_id,
-    help="The instance this guest serves; it consumes only the queue guest.ID."))
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who this guest is: its instance, its key, the messages it has run."""
-
-    instance_id: str
-    key: GuestKey
-    spent: SpentIds
-
-
-_identity: list[Identity] = []
-
-
-def identity() -> Identity:
-    if not _identity:
-        raise RuntimeError("this guest has no identity yet (started without --instance-id?)")
-    return _identity[-1]
-
-
-def load_identity(instance_id: str) -> Identity:
-    """This guest's key from BERTH_GUEST_KEY, checked; raises KeyProblem when missing or malformed."""
-    text = os.environ.get("BERTH_GUEST_KEY")
-    if not text:
-        raise KeyProblem(f"BERTH_GUEST_KEY is not set: print the guest's settings with "
-                         f"`python -m workflows guest-env {instance_id}`")
-    named = os.environ.get("BERTH_INSTANCE_ID")
-    if named and named != instance_id:
-        raise KeyProblem(f"BERTH_INSTANCE_ID is {named}, not {instance_id}: these are another guest's settings")
-    found = Identity(instance_id, GuestKey.from_text(text), SpentIds(guest_dir(instance_id)))
-    _identity.append(found)
-    return found
 
 
 def own_queue_lookup(instance_id: str) -> None:
@@ -139,8 +79,6 @@ class BindGuestQueue(bootsteps.Step):
 
 app.steps["worker"].add(BindGuestQueue)
 # Every berth_heartbeat_interval_s, the datastore's status on the guest's own list (guest/heartbeat.py).
-from guest.heartbeat import Heartbeat  # noqa: E402
-
 app.steps["worker"].add(Heartbeat)
 # What a previous run of this guest took and never acknowledged goes back to guest.ID when the
 # consumer connects, and again after a lost broker connection.

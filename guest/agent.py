@@ -20,11 +20,14 @@ from berth import __version__
 from berth.keys import SealError
 from berth.paths import guest_dir
 from berth.spec import InvalidField, check_config, check_databases, check_users
-from guest import app, heartbeat, identity
+from guest import deadletters, heartbeat
 from guest.authn import expiry_epoch
+from guest.celery_app import app
 from guest.datastores import get_manager
 from guest.errors import InvalidMessage, PrepareError, WrongInstance
+from guest.identity import identity
 from guest.journal import Journal
+from guest.state import datastore_status, prepared_datastore
 
 log = logging.getLogger("berth.guest")
 # A prepare delivered this often without ever finishing kills its guest each time: dead-letter it.
@@ -161,7 +164,6 @@ def _late_by(expires: Any) -> float | None:
 
 
 def _dead_letter(instance_id: str, reason: str, error: str, request: Any) -> None:
-    from guest import deadletters
 
     entry = {"reason": reason, "error": error, "task": request.task, "id": request.id,
              "content_type": None, "size": None, "received_at": time.time()}
@@ -195,19 +197,6 @@ def shutdown(self: Task, instance_id: str, stop_agent: bool = True) -> dict[str,
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
     log.info("datastore shut down for delete: %s", datastores)
     return {"instance_id": own, "datastores": datastores, **totals}
-
-
-def prepared_datastore(instance_id: str) -> str | None:
-    """The datastore prepare set up on this guest, or None before any prepare was applied."""
-    for result in Journal(guest_dir(instance_id)).read()["results"].values():
-        return str(result["connection"]["datastore"])
-    return None
-
-
-def datastore_status(instance_id: str) -> dict[str, Any] | None:
-    """The prepared datastore's status ({'datastore', 'status': 'running' | 'down' | ...}), or None."""
-    datastore = prepared_datastore(instance_id)
-    return None if datastore is None else get_manager(datastore, guest_dir(instance_id)).status()
 
 
 @app.task(name="guest.get_status")

@@ -21,10 +21,13 @@ from berth.guestapi import check_arguments
 from berth.keys import SealError
 from berth.paths import guest_dir, replace_file
 from berth.spec import InvalidField
-from guest import app, heartbeat, identity
-from guest.agent import own_instance, prepared_datastore
+from guest import heartbeat
+from guest.agent import own_instance
+from guest.celery_app import app
 from guest.datastores import get_manager
 from guest.errors import DatastoreError, InvalidMessage
+from guest.identity import identity
+from guest.state import prepared_datastore
 
 # Ids of operations begun, kept for the redeliveries of the last few.
 KEEP_OPS = 256

@@ -37,6 +37,7 @@ from celery.worker.consumer import consumer as celery_consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from guest import authn, deadletters
+from guest.identity import identity
 
 log = logging.getLogger("berth.guest")
 
@@ -296,8 +297,6 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
             if isinstance(payload, dict) and "task" in payload:
                 return authn.Refusal(authn.UNSIGNED, "a task named in the body (protocol 1): never signed")
             return None
-        from guest import identity
-
         me = identity()
         return authn.check(headers, payload, instance_id=me.instance_id, key=me.key, spent=me.spent)
 

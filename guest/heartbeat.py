@@ -22,6 +22,8 @@ from berth import __version__
 from berth.ids import heartbeat_key
 from berth.paths import guest_dir, replace_file
 from berth.steps import ThreadStep
+from guest.identity import identity
+from guest.state import datastore_status
 
 log = logging.getLogger("berth.guest.heartbeat")
 # As tasks/heartbeats.KEEP_REPORTS: the newest reports stay when no taskmanager takes them.
@@ -59,8 +61,6 @@ class Reporter:
 
     def report(self) -> dict[str, Any] | None:
         """This guest's report now, or None before prepare was applied."""
-        from guest.agent import datastore_status
-
         status = datastore_status(self.instance_id)
         if status is None:
             return None
@@ -69,8 +69,6 @@ class Reporter:
                 "datastore_status": str(status.get("status"))}
 
     def send(self, report: dict[str, Any]) -> None:
-        from guest import identity
-
         envelope = json.dumps({"report": report, "mac": identity().key.report_mac(report)})
         key = heartbeat_key(self.instance_id)
         with self.client.pipeline(transaction=True) as pipe:

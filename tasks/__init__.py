@@ -6,18 +6,12 @@ provisioning steps and `workflows` for the chain that composes them.
 
 from __future__ import annotations
 
-from celery import Celery
-
-# MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
-app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
-app.config_from_object("celeryconfig")
-app.conf.include = ["tasks.taskmanager", "tasks.deletion", "workflows.tasks"]
-
-from berth.unacked import RestoreOwnUnacked  # noqa: E402
-from tasks import signals  # noqa: E402,F401  (settings check at start; local guests stop with it)
-from tasks.answers import PrepareAnswers  # noqa: E402
-from tasks.heartbeats import HeartbeatMonitor  # noqa: E402
-from tasks.nodes import OwnUnacked  # noqa: E402
+from berth.unacked import RestoreOwnUnacked
+from tasks import signals  # noqa: F401  (settings check at start; local guests stop with it)
+from tasks.answers import PrepareAnswers
+from tasks.celery_app import app
+from tasks.heartbeats import HeartbeatMonitor
+from tasks.nodes import OwnUnacked
 
 # Each node keeps its in-flight messages apart and takes them back when it (re)connects.
 app.steps["worker"].add(OwnUnacked)

@@ -32,7 +32,7 @@ def on_answer(channel: bytes | str, data: bytes | str) -> bool:
     Channel and data are a guest's bytes: anything odd is left to `verify`, which reads the
     stored answer itself and fails the instance when it is malformed.
     """
-    from tasks.records import Status
+    from berth.records import Status
     from tasks.runtime import records
     from tasks.taskmanager import _activate, prepare_answer
 

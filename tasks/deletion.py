@@ -22,12 +22,13 @@ from typing import Any
 
 from celery import Task
 
+from berth.errors import InstanceNotDeleting, InstanceNotFound
 from berth.ids import deadletter_key, guest_task_id
+from berth.records import InstanceRecord, Status
 from berth.untrusted import list_length
-from tasks import app, credentials, heartbeats, queues, waiting
+from tasks import credentials, heartbeats, queues, waiting
+from tasks.celery_app import app
 from tasks.drivers import DRIVERS
-from tasks.errors import InstanceNotDeleting, InstanceNotFound
-from tasks.records import InstanceRecord, Status
 from tasks.runtime import raw_redis_client, raw_result_client, records, redis_client, result_client, setting
 from tasks.taskmanager import (
     Step,

@@ -181,7 +181,7 @@ class LocalDriver:
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
 
     def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
-        from tasks import app
+        from tasks.celery_app import app
         from tasks.credentials import guest_env
 
         env = inherited(dict(os.environ))
@@ -250,7 +250,7 @@ class LocalDriver:
 
 
 def _stop_timeout_s() -> float:
-    from tasks import app
+    from tasks.celery_app import app
 
     return float(app.conf.berth_guest_stop_timeout_s)
 

@@ -21,13 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from berth.guestapi import UnknownOperation, check_answer, check_arguments, check_pong, operation
-from berth.ids import guest_task_prefix, request_tag, result_key
-from berth.keys import SealError, is_sealed, unseal_at_rest
-from berth.spec import InvalidField, check_instance_id
-from berth.untrusted import Malformed
-from tasks import app, credentials, heartbeats, queues, waiting
-from tasks.errors import (
+from berth.errors import (
     GuestError,
     GuestTimeout,
     GuestUnreachable,
@@ -36,7 +30,14 @@ from tasks.errors import (
     InvalidRequest,
     from_invalid_field,
 )
-from tasks.records import SERVING, InstanceRecord
+from berth.guestapi import UnknownOperation, check_answer, check_arguments, check_pong, operation
+from berth.ids import guest_task_prefix, request_tag, result_key
+from berth.keys import SealError, is_sealed, unseal_at_rest
+from berth.records import SERVING, InstanceRecord
+from berth.spec import InvalidField, check_instance_id
+from berth.untrusted import Malformed
+from tasks import credentials, heartbeats, queues, waiting
+from tasks.celery_app import app
 from tasks.runtime import raw_result_client, records, redis_client, result_client, setting
 
 log = logging.getLogger("berth.guestapi")

@@ -33,6 +33,7 @@ import redis
 
 from berth.ids import RECORD_INDEX_KEY, heartbeat_key, record_key
 from berth.keys import guest_key
+from berth.records import log_transition, text
 from berth.steps import ThreadStep
 from berth.untrusted import (
     MAX_REPORT_BYTES,
@@ -43,7 +44,6 @@ from berth.untrusted import (
     one_line,
     take_lists,
 )
-from tasks.records import log_transition, text
 
 log = logging.getLogger("berth.heartbeats")
 HEARTBEAT_INDEX_KEY = "berth:heartbeat-index"
@@ -210,7 +210,8 @@ class Monitor:
             counts["expired"] += 1
             now = float(stamp)
             log_transition(instance_id, old, "UNKNOWN", "heartbeat",
-                           {"error": f"no heartbeat for {now - float(heard):.1f} s"}, duration_s=_duration(since, now))
+                           {"error": f"no heartbeat for {now - float(heard):.1f} s"}, duration_s=_duration(since, now),
+                           client=self.client)
 
     def _take_reports(self, watched: list[str], counts: dict[str, int]) -> None:
         # The newest only: a guest that pushes more than it should costs nothing more.
@@ -255,7 +256,8 @@ class Monitor:
                 counts["applied"] += 1
             new = "ACTIVE" if status == "running" else "SHUTDOWN"
             detail = {} if new == "ACTIVE" else {"error": f"guest reports its datastore {report['datastore_status']}"}
-            log_transition(instance_id, old, new, "heartbeat", detail, duration_s=_duration(since, now))
+            log_transition(instance_id, old, new, "heartbeat", detail, duration_s=_duration(since, now),
+                           client=self.client)
         return outcome
 
 

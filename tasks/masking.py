@@ -88,7 +88,7 @@ class MaskingAMQP(AMQP):
                    *rest: Any, **options: Any) -> Any:
         limit = POSITIONAL_LIMITS.get(name)
         if limit is not None and len(args or ()) > limit:
-            from tasks.errors import InvalidRequest
+            from berth.errors import InvalidRequest
 
             raise InvalidRequest("args", f"{name} takes at most {limit} positional argument(s); give the password "
                                          "as a keyword (--kwargs '{\"password\": ...}'): keywords are masked and "

@@ -28,13 +28,13 @@ import redis
 from celery import Celery, bootsteps
 
 from berth import unacked
+from berth.ids import NODES_KEY, lease_key, node_unacked_keys
 from berth.keys import KeyProblem, check_master_key
 from tasks import credentials
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
 
 log = logging.getLogger("berth.nodes")
-NODES_KEY = "berth:nodes"
 # Replace the lease only if it still holds the value we expect.
 _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -46,16 +46,6 @@ return 0
 
 class NodeNameTaken(RuntimeError):
     pass
-
-
-def lease_key(nodename: str) -> str:
-    return f"berth:node:{nodename}"
-
-
-def node_unacked_keys(nodename: str) -> dict[str, str]:
-    return {"unacked_key": f"unacked.node.{nodename}",
-            "unacked_index_key": f"unacked_index.node.{nodename}",
-            "unacked_mutex_key": f"unacked_mutex.node.{nodename}"}
 
 
 class Lease:

@@ -15,6 +15,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
+from berth.errors import QueueMissing
 from berth.ids import (
     RESULT_KEY_PREFIX,
     binding_keys,
@@ -29,7 +30,6 @@ from berth.ids import (
     unacked_keys,
 )
 from berth.keys import GuestKey
-from tasks.errors import QueueMissing
 from tasks.masking import signing_for
 
 

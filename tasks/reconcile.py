@@ -22,10 +22,11 @@ from typing import Any, cast
 
 import redis
 
-from berth.ids import INFLIGHT_KEY
+from berth.ids import INFLIGHT_KEY, NODES_KEY, RESUME_TASK, node_unacked_keys
+from berth.records import InstanceRecord, Records, Status, text
 from berth.unacked import SHARED_UNACKED_KEY
 from tasks import waiting
-from tasks.records import InstanceRecord, Records, Status, text
+from tasks.celery_app import app
 
 log = logging.getLogger("berth.reconcile")
 TASKMANAGER_QUEUE = waiting.TASKMANAGER_QUEUE
@@ -55,13 +56,11 @@ def next_step(record: InstanceRecord) -> str | None:
 
 
 # Tasks whose id is the request's, not the instance's: their first argument names the instance.
-REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete"})
+REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete", RESUME_TASK})
 
 
 def _held(client: redis.Redis) -> set[str]:
     """The instances of which a taskmanager holds a message, taken and not yet acknowledged."""
-    from tasks.nodes import NODES_KEY, node_unacked_keys
-
     hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(text(n))["unacked_key"] for n in client.smembers(NODES_KEY))]
     held = set()
     for key in hashes:
@@ -91,9 +90,11 @@ def _instance_of(raw: Any) -> str | None:
 
 
 def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
-    """Resume every stalled chain; return the ids of the instances resumed."""
-    from workflows import resume_chain
+    """Resume every stalled chain; return the ids of the instances resumed.
 
+    Resuming is a message, `workflows.resume` (RESUME_TASK): the chains are the workflows', so
+    the taskmanager only names the instance and the step its record says comes next.
+    """
     now = time.time() if now is None else now
     stalled = cast(list[tuple[Any, float]],
                    client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
@@ -114,7 +115,7 @@ def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = Non
             continue
         if not claim(keys=[INFLIGHT_KEY], args=[instance_id, repr(score), now]):
             continue  # another node resumed it, or a step ran meanwhile
-        resume_chain(record, step).apply_async()
+        app.send_task(RESUME_TASK, args=[instance_id, step])
         resumed.append(instance_id)
         log.warning("instance %s: %s chain stalled for %.0f s (%s): resumed at %s", instance_id,
                     "delete" if record.status is Status.DELETING else "provisioning", now - score,

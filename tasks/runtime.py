@@ -7,8 +7,8 @@ from typing import Any
 
 import redis
 
-from tasks import app
-from tasks.records import Records
+from berth.records import Records
+from tasks.celery_app import app
 
 
 @functools.cache

@@ -22,16 +22,7 @@ from kombu.exceptions import OperationalError
 
 from berth import metrics
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
-from berth.failpoints import failpoint
-from berth.guestapi import check_connection, check_count, check_pong
-from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
-from berth.keys import SealError, is_sealed, unseal_at_rest
-from berth.spec import InvalidField, ProvisionRequest, validate_request
-from berth.timing import next_countdown
-from berth.untrusted import Malformed
-from tasks import app, credentials, heartbeats, queues, secrets, waiting
-from tasks.drivers import DRIVERS
-from tasks.errors import (
+from berth.errors import (
     BootFailed,
     GuestUnreachable,
     InstanceExists,
@@ -45,7 +36,17 @@ from tasks.errors import (
     StillWaiting,
     from_invalid_field,
 )
-from tasks.records import SERVING, InstanceRecord, Reason, Status
+from berth.failpoints import failpoint
+from berth.guestapi import check_connection, check_count, check_pong
+from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
+from berth.keys import SealError, is_sealed, unseal_at_rest
+from berth.records import SERVING, InstanceRecord, Reason, Status
+from berth.spec import InvalidField, ProvisionRequest, validate_request
+from berth.timing import next_countdown
+from berth.untrusted import Malformed
+from tasks import credentials, heartbeats, queues, secrets, waiting
+from tasks.celery_app import app
+from tasks.drivers import DRIVERS
 from tasks.runtime import limits, raw_result_client, records, redis_client, result_client, setting
 
 log = logging.getLogger("berth.taskmanager")

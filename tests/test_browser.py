@@ -29,7 +29,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from berth.paths import PROJECT_DIR
-from tasks.records import Records, Status
+from berth.records import Records, Status
 from tests.helpers import start_flower, wait_for_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("taskmanager")

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import redis
 
+from berth.errors import InstanceNotFound
 from berth.ids import record_key
+from berth.records import Records, Status
 from tasks import app
 from tasks.drivers import LocalDriver
-from tasks.errors import InstanceNotFound
-from tasks.records import Records, Status
 from tasks.runtime import redis_client
 from tests.helpers import Proc, wait_for_status, wait_until, workflows_cli
 from workflows import submit
@@ -109,11 +109,10 @@ def test_submit_takes_its_record_back_when_the_request_cannot_be_sent(
     import workflows
     from berth.ids import secrets_key
 
-    class Unsendable:
-        def apply_async(self, *args: Any, **kwargs: Any) -> None:
-            raise OperationalError("broker went away")
+    def unsendable(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("broker went away")
 
-    monkeypatch.setattr(workflows, "provision_task", lambda: Unsendable())
+    monkeypatch.setattr(workflows, "send_request", unsendable)
     instance_id = new_id("unsent")
     with pytest.raises(OperationalError):
         submit(instance_id, datastore="redis", users=[{"name": "app", "password": "unsent-pass-1"}])
@@ -124,7 +123,7 @@ def test_submit_takes_its_record_back_when_the_request_cannot_be_sent(
 
 def test_a_stale_redelivery_of_a_deleted_instances_request_brings_nothing_back(
         new_id: Callable[[str], str], records: Records) -> None:
-    from tasks.errors import RequestFinished
+    from berth.errors import RequestFinished
 
     instance_id = new_id("stale")
     request_id = submit(instance_id, datastore="noop")
@@ -159,7 +158,7 @@ def test_a_recorded_delete_whose_message_is_lost_is_finished_by_the_reconciler(
 
 
 def test_submit_delete_refuses_a_bad_or_unknown_id_and_sends_nothing() -> None:
-    from tasks.errors import InvalidInstanceId
+    from berth.errors import InvalidInstanceId
     from workflows import submit_delete
 
     with pytest.raises(InvalidInstanceId):

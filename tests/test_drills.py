@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from berth.records import InstanceRecord, Records
 from tasks.drivers import LocalDriver
-from tasks.records import InstanceRecord, Records
 from tests.helpers import Proc, guest_command, guest_journal, unique_id, wait_for_status, wait_until
 from tests.stack import Stack
 

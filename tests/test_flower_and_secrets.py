@@ -16,7 +16,7 @@ import pytest
 from berth.broker import free_port
 from berth.ids import step_task_id
 from berth.paths import guests_root
-from tasks.records import Records, Status
+from berth.records import Records, Status
 from tasks.runtime import redis_client
 from tests.helpers import Proc, celery, project_env, start_flower, wait_for_status, wait_until
 from workflows import provision_chain

@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from berth.ids import kombu_lists, queue_lists
-from berth.paths import PROJECT_DIR
-from tasks.errors import (
+from berth.errors import (
     GuestError,
     GuestTimeout,
     InstanceNotFound,
@@ -26,7 +24,9 @@ from tasks.errors import (
     InvalidInstanceId,
     InvalidRequest,
 )
-from tasks.records import Records, Status
+from berth.ids import kombu_lists, queue_lists
+from berth.paths import PROJECT_DIR
+from berth.records import Records, Status
 from tasks.runtime import redis_client
 from tests.helpers import wait_for_status, wait_until
 from tests.test_heartbeats import FAST

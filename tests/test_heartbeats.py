@@ -15,7 +15,7 @@ import redis
 
 from berth.ids import heartbeat_key
 from berth.keys import GuestKey
-from tasks.records import Records, Status
+from berth.records import Records, Status
 from tests.helpers import wait_for_status, wait_until
 
 FAST = {"BERTH_HEARTBEAT_INTERVAL_S": "0.3", "BERTH_HEARTBEAT_EXPIRY_S": "2.5", "BERTH_HEARTBEAT_CHECK_S": "0.1",

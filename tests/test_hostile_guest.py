@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from berth.ids import guest_task_prefix
-from tasks.records import Records, Status
+from berth.records import Records, Status
 from tests.helpers import celery, wait_for_status, wait_until
 from tests.hostile import HostileGuest, keys_naming, printable, result_document
 

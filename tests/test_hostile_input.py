@@ -26,14 +26,14 @@ from hypothesis import strategies as st
 
 from berth import untrusted
 from berth.broker import EmbeddedRedis, limit_warnings, redis_server_binary
+from berth.errors import GuestError
 from berth.guestapi import check_answer, check_connection
 from berth.ids import deadletter_key, heartbeat_key, queue_lists, record_key, unacked_keys
 from berth.keys import guest_key
 from berth.paths import PROJECT_DIR
+from berth.records import Records, Status
 from guest import deadletters
 from tasks import answers, guestapi, heartbeats, queues, waiting
-from tasks.errors import GuestError
-from tasks.records import Records, Status
 from tests.helpers import Proc, guest_identity, project_env, unique_id, wait_for_status, wait_until, workflows_cli
 from tests.hostile import HostileGuest, keys_naming, pong, prepared, printable, result_document
 from workflows import provision_chain

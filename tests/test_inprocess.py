@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from berth.errors import InstanceExists, InvalidInstanceId, InvalidRequest
+from berth.records import Records, Status
 from tasks import app as tasks_app
-from tasks.errors import InstanceExists, InvalidInstanceId, InvalidRequest
-from tasks.records import Records, Status
 from tasks.runtime import redis_client
 
 QUEUE = f"inproc-{uuid.uuid4().hex[:6]}"
@@ -92,7 +92,7 @@ def test_the_provision_task_refuses_bad_input_naming_the_field(
 @pytest.mark.usefixtures("taskmanager")
 def test_a_redelivered_provision_request_does_not_start_its_chain_twice(
         celery_worker: Any, new_id: Callable[[str], str], records: Records) -> None:
-    from tasks.records import Reason
+    from berth.records import Reason
     from tests.helpers import wait_until
     from workflows.tasks import provision
 

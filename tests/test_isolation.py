@@ -35,9 +35,9 @@ from berth.ids import (
     unacked_keys,
 )
 from berth.keys import SIGNATURE_HEADER, GuestKey
+from berth.records import Records, Status
 from guest import deadletters
 from tasks import app, queues
-from tasks.records import Records, Status
 from tasks.runtime import redis_client, result_client
 from tests.helpers import Proc, guest_identity, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain

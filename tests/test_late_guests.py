@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tasks.records import Reason, Records, Status
+from berth.records import Reason, Records, Status
 from tests.helpers import wait_for_status, wait_until
 from workflows import provision_chain
 

@@ -16,8 +16,8 @@ import pytest
 
 from berth.broker import free_port
 from berth.paths import PROJECT_DIR
+from berth.records import Records
 from tasks.drivers import group_alive
-from tasks.records import Records
 from tests.helpers import project_env, send_to_guest, wait_until
 from tests.stack import Stack
 from workflows import provision_chain

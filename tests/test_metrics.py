@@ -23,9 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from berth import metrics
 from berth.broker import free_port
-from berth.ids import RECORD_INDEX_KEY, record_key, step_task_id
+from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, record_key, step_task_id
+from berth.logs import parse_structured
+from berth.records import Records, Status, log_transition
 from tasks import app
-from tasks.records import Records, Status, log_transition
+from tasks.runtime import redis_client
 from tasks.taskmanager import CHAIN_STEPS, validated
 from tests.helpers import Proc, start_flower, wait_for_status, wait_until
 
@@ -119,7 +121,7 @@ def own_lines(log_text: str, instance_id: str) -> list[dict[str, Any]]:
     """The structured lines (transition, step) of one instance in a log."""
     found = []
     for line in log_text.splitlines():
-        parsed = metrics.parse_structured(line) if f'"instance_id": "{instance_id}"' in line else None
+        parsed = parse_structured(line) if f'"instance_id": "{instance_id}"' in line else None
         if parsed is not None and parsed.get("instance_id") == instance_id:
             found.append(parsed)
     return found
@@ -188,7 +190,7 @@ def private_db() -> Iterator[redis.Redis]:
     else:
         pytest.skip("no empty Redis database for the exact metrics checks")
     yield client
-    client.delete(metrics.STEP_HISTOGRAM_KEY, metrics.TRANSITIONS_KEY, RECORD_INDEX_KEY,
+    client.delete(STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, RECORD_INDEX_KEY,
                   *(record_key(i) for i in ("mx-1", "mx-2", "mx-3")))
     client.close()
 
@@ -208,7 +210,7 @@ def test_transitions_are_logged_counted_and_timed(private_db: redis.Redis, caplo
     assert not records.transition("mx-1", Status.ACTIVE, [Status.NEW], "verify"), "refused: not logged, not counted"
     assert records.transition("mx-1", Status.FAILED, [Status.BUILD], "ping_guest", reason="GUEST_UNREACHABLE",
                               error="no answer to 3 ping(s) within 1 s")
-    lines = [metrics.parse_structured(r.getMessage()) for r in caplog.records if r.name == "berth.records"]
+    lines = [parse_structured(r.getMessage()) for r in caplog.records if r.name == "berth.records"]
     assert [(p["from"], p["to"], p["step"]) for p in lines if p] == [
         ("NEW", "BUILD", "create_queue"), ("BUILD", "FAILED", "ping_guest")]
     new_build, build_failed = (p for p in lines if p)
@@ -216,12 +218,12 @@ def test_transitions_are_logged_counted_and_timed(private_db: redis.Redis, caplo
     assert 0 <= build_failed["duration_s"] < 5, "from the previous change"
     assert build_failed["reason"] == "GUEST_UNREACHABLE" and "3 ping(s)" in build_failed["error"]
     assert "reason" not in new_build
-    assert private_db.hgetall(metrics.TRANSITIONS_KEY) == {"NEW|BUILD": "1", "BUILD|FAILED": "1"}
+    assert private_db.hgetall(TRANSITIONS_KEY) == {"NEW|BUILD": "1", "BUILD|FAILED": "1"}
 
     # A writer of its own (the heartbeats) logs and counts through log_transition.
     log_transition("mx-1", "ACTIVE", "UNKNOWN", "heartbeat", {"error": "no heartbeat for 31.0 s"},
                    duration_s=31.25, client=private_db)
-    last = metrics.parse_structured(caplog.records[-1].getMessage())
+    last = parse_structured(caplog.records[-1].getMessage())
     assert last == {"event": "transition", "instance_id": "mx-1", "from": "ACTIVE", "to": "UNKNOWN",
                     "step": "heartbeat", "duration_s": 31.25, "error": "no heartbeat for 31.0 s"}
     assert caplog.records[-1].getMessage().startswith("instance mx-1: ACTIVE -> UNKNOWN (step=heartbeat) {")
@@ -231,8 +233,8 @@ def test_transitions_are_logged_counted_and_timed(private_db: redis.Redis, caplo
     assert sum(value(samples, "berth_instances", status=s.value) for s in Status) == 1
 
     # Metrics in a bad state never fail a transition (the count is best effort).
-    private_db.delete(metrics.TRANSITIONS_KEY)
-    private_db.set(metrics.TRANSITIONS_KEY, "not a hash")
+    private_db.delete(TRANSITIONS_KEY)
+    private_db.set(TRANSITIONS_KEY, "not a hash")
     assert records.create(validated("mx-2", datastore="noop"), request_id="req-2")
     assert records.transition("mx-2", Status.BUILD, [Status.NEW], "create_queue")
     log_transition("mx-2", "BUILD", "ACTIVE", "test", {}, client=private_db)
@@ -253,7 +255,7 @@ def test_a_step_is_observed_once_from_its_first_run_and_only_for_its_own_chain(
     caplog.set_level(logging.INFO, logger="berth.metrics")
     assert metrics.step_succeeded(records, "mx-3", "ping_guest", own, retries=6, now=102.5) == 2.5
     assert metrics.step_succeeded(records, "mx-3", "ping_guest", own, now=103.0) is None, "observed once"
-    assert metrics.parse_structured(caplog.records[-1].getMessage()) == {
+    assert parse_structured(caplog.records[-1].getMessage()) == {
         "event": "step", "instance_id": "mx-3", "step": "ping_guest", "duration_s": 2.5, "retries": 6}
     # create_queue's first run comes before its record: it counts from the record's creation.
     assert metrics.step_succeeded(records, "mx-3", "create_queue", step_task_id("mx-3", "req-3", "create_queue"),
@@ -280,7 +282,7 @@ def test_a_step_is_observed_once_from_its_first_run_and_only_for_its_own_chain(
 def test_registering_twice_does_not_raise_and_a_dead_redis_does_not_break_a_scrape(
         monkeypatch: pytest.MonkeyPatch) -> None:
     registry = CollectorRegistry()
-    assert metrics.register(registry) is metrics.register(registry)
+    assert metrics.register(redis_client, registry) is metrics.register(redis_client, registry)
     # flowerconfig.py, executed twice in one process (as Flower executes it, with exec).
     monkeypatch.setenv("FLOWER_BASIC_AUTH", AUTH)
     source = Path(__file__).parent.parent.joinpath("flowerconfig.py").read_text()

@@ -12,11 +12,11 @@ import pytest
 import redis
 from celery import chain
 
+from berth.errors import InstanceExists, PrepareTimeout, QueueMissing
 from berth.ids import binding_keys, prepare_task_id, step_task_id
+from berth.records import Reason, Records, Status
 from guest import deadletters
 from tasks import app, queues
-from tasks.errors import InstanceExists, PrepareTimeout, QueueMissing
-from tasks.records import Reason, Records, Status
 from tasks.runtime import redis_client
 from tasks.taskmanager import create_queue, send_prepare, verify
 from tests.helpers import Proc, guest_identity, guest_journal, send_to_guest, wait_for_status, wait_until

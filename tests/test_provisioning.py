@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from berth import __version__
+from berth.errors import GuestUnreachable, InstanceExists, InvalidInstanceId, PrepareFailed, PrepareTimeout
 from berth.paths import PROJECT_DIR, guest_dir
-from tasks.errors import GuestUnreachable, InstanceExists, InvalidInstanceId, PrepareFailed, PrepareTimeout
-from tasks.records import Reason, Records, Status
+from berth.records import Reason, Records, Status
 from tests.helpers import celery, project_env, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from berth.errors import QueueMissing
 from berth.ids import binding_keys, queue_lists
 from guest import deadletters
 from tasks import app, queues
-from tasks.errors import QueueMissing
 from tasks.runtime import redis_client
 from tests.helpers import send_to_guest, wait_until
 

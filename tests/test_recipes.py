@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from berth.paths import PROJECT_DIR
-from tasks.records import Records, Status
+from berth.records import Records, Status
 from tests.helpers import wait_for_status
 
 RECIPE_RE = re.compile(r"<!-- recipe: (?P<name>[\w-]+) -->\s*```console\n(?P<body>.*?)```", re.S)

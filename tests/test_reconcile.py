@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from berth.ids import INFLIGHT_KEY, kombu_lists, record_key, step_task_id
-from tasks.nodes import NODES_KEY, node_unacked_keys
+from berth.ids import INFLIGHT_KEY, NODES_KEY, kombu_lists, node_unacked_keys, record_key, step_task_id
 from tasks.reconcile import TASKMANAGER_QUEUE, reconcile
 from tests.helpers import unique_id
 

@@ -18,11 +18,13 @@ from typing import Any
 
 from celery import chain
 
+from berth.errors import InstanceNotFound, from_invalid_field
 from berth.ids import step_task_id
+from berth.records import InstanceRecord, Status
+from berth.spec import InvalidField, check_instance_id
 from tasks import secrets
+from tasks.celery_app import app
 from tasks.deletion import DELETE_STEPS, remove_instance, shutdown_guest
-from tasks.errors import InstanceNotFound
-from tasks.records import InstanceRecord, Status
 from tasks.runtime import records, redis_client
 from tasks.taskmanager import (
     CHAIN_STEPS,
@@ -76,7 +78,7 @@ def submit(instance_id: str, **request: Any) -> str:
     request_id = str(uuid.uuid4())
     register(spec, request_id)
     try:
-        provision_task().apply_async(args=[spec.instance_id], kwargs=request, task_id=request_id)
+        send_request("workflows.provision", [spec.instance_id], request, request_id)
     except Exception:
         records().forget(spec.instance_id, request_id)
         secrets.drop(redis_client(), spec.instance_id)
@@ -84,10 +86,9 @@ def submit(instance_id: str, **request: Any) -> str:
     return request_id
 
 
-def provision_task() -> Any:
-    from workflows.tasks import provision
-
-    return provision
+def send_request(task: str, args: list[Any], kwargs: dict[str, Any], request_id: str) -> None:
+    """Publish a request (`workflows.provision`, `workflows.delete`; workflows/tasks.py), its id the request's."""
+    app.send_task(task, args=args, kwargs=kwargs, task_id=request_id)
 
 
 # A delete may start from these; the provisioning chain of a NEW or BUILD one stops at its next step.
@@ -132,24 +133,16 @@ def submit_delete(instance_id: str) -> str:
         time.sleep(0.05)
     if status is Status.DELETED:
         return request_id
-    delete_task().apply_async(args=[instance_id], task_id=request_id)
+    send_request("workflows.delete", [instance_id], {}, request_id)
     return request_id
 
 
 def validated_id(instance_id: object) -> str:
-    from berth.spec import InvalidField, check_instance_id
-    from tasks.errors import from_invalid_field
 
     try:
         return check_instance_id(instance_id)
     except InvalidField as exc:
         raise from_invalid_field(exc) from exc
-
-
-def delete_task() -> Any:
-    from workflows.tasks import delete
-
-    return delete
 
 
 def delete_chain(instance_id: str, request_id: str) -> chain:

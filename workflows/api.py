@@ -9,7 +9,7 @@
 Each is a call (waits at most ``timeout_s``, default ``berth_guest_call_timeout_s``) or, with
 ``cast=True``, a cast. Errors: InvalidRequest (nothing sent), InstanceNotFound,
 InstanceNotServing, GuestUnreachable (stale heartbeat and no answer to a ping: nothing sent),
-GuestTimeout, GuestError (the guest's own error), all from tasks.errors.
+GuestTimeout, GuestError (the guest's own error), all from berth.errors.
 """
 
 from __future__ import annotations

@@ -24,15 +24,15 @@ from kombu.utils.url import maybe_sanitize_url
 
 from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
+from berth.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
 from berth.guestapi import check_pong
 from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.keys import KeyProblem, check_master_key
+from berth.records import FINAL, SERVING, InstanceRecord, Status
 from berth.spec import InvalidField, check_instance_id
 from berth.untrusted import escape
 from guest.launch import agent_command
 from tasks import app, credentials, guestapi, heartbeats, queues, waiting
-from tasks.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
-from tasks.records import FINAL, SERVING, InstanceRecord, Status
 from tasks.runtime import raw_redis_client, raw_result_client, records, setting
 from tasks.taskmanager import validated
 from workflows import submit, submit_delete
@@ -146,7 +146,7 @@ def read_password(args: argparse.Namespace) -> str:
 
 
 def cmd_guest_api(args: argparse.Namespace) -> int:
-    from tasks.errors import GuestError, GuestTimeout, GuestUnreachable, InstanceNotServing
+    from berth.errors import GuestError, GuestTimeout, GuestUnreachable, InstanceNotServing
 
     name, positional = API_COMMANDS[args.command]
     arguments = {arg: getattr(args, arg) for arg in positional}

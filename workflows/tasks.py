@@ -7,12 +7,14 @@ from typing import Any
 
 from celery import Task
 
+from berth.errors import InstanceExists, InvalidRequest, ProvisioningError, RequestFinished
 from berth.guestapi import OPERATIONS, operation
+from berth.ids import RESUME_TASK
+from berth.records import Status
 from tasks import app, guestapi
-from tasks.errors import InstanceExists, InvalidRequest, ProvisioningError, RequestFinished
-from tasks.records import Status
+from tasks.reconcile import next_step
 from tasks.runtime import records
-from workflows import delete_chain, mark_deleting, provision_chain, validated_id
+from workflows import delete_chain, mark_deleting, provision_chain, resume_chain, validated_id
 
 
 @app.task(name="workflows.provision", bind=True, throws=(ProvisioningError,))
@@ -66,6 +68,18 @@ def delete(self: Task, instance_id: str) -> dict[str, Any]:
         delete_chain(instance_id, self.request.id).apply_async()
         records().update(instance_id, delete_chain_sent=self.request.id)
     return {"instance_id": instance_id, "status": status.value}
+
+
+@app.task(name=RESUME_TASK, throws=(ProvisioningError,))
+def resume(instance_id: str, step: str) -> dict[str, Any]:
+    """Resume a chain the reconciler found stalled (tasks/reconcile.py) at the step its record
+    says comes next now (``step`` is what the reconciler saw). Every step is safe to run twice."""
+    record = records().get(instance_id)
+    now_next = next_step(record) if record is not None else None
+    if record is None or now_next is None:
+        return {"instance_id": instance_id, "resumed": None}
+    resume_chain(record, now_next).apply_async()
+    return {"instance_id": instance_id, "resumed": now_next, "seen_stalled_at": step}
 
 
 def _guest_api_task(name: str) -> Any:

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, finished_request_key, record_key
-from berth.metrics import TRANSITIONS_KEY, count_transition, transition_line
+from berth.errors import InstanceExists, RequestFinished
+from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, TRANSITIONS_KEY, finished_request_key, record_key
+from berth.logs import transition_line
 from berth.spec import ProvisionRequest
-from tasks.errors import InstanceExists, RequestFinished
 
 log = logging.getLogger("berth.records")
 
@@ -256,23 +256,24 @@ class Records:
         return bool(applied)
 
 
+def count_transition(client: redis.Redis, old: str, new: str) -> None:
+    """Count one status change ``old -> new`` (``berth_transitions_total``)."""
+    client.hincrby(TRANSITIONS_KEY, f"{old}|{new}", 1)
+
+
 def log_transition(instance_id: str, old: str, new: str, step: str, fields: dict[str, Any],
-                   duration_s: float | None = None, *, client: redis.Redis | None = None) -> None:
+                   duration_s: float | None = None, *, client: redis.Redis) -> None:
     """Log and count one status change: for writers that change a status themselves, once applied.
 
-    One line, human text then a JSON object (`berth.metrics.transition_line`), e.g.
+    One line, human text then a JSON object (`berth.logs.transition_line`), e.g.
     ``instance db-1: ACTIVE -> UNKNOWN (step=heartbeat) {"event": "transition", "instance_id": "db-1",
     "from": "ACTIVE", "to": "UNKNOWN", "step": "heartbeat", "duration_s": 31.2, "error": "..."}``.
     ``duration_s``: seconds the instance spent in ``old``. `Records.transition` logs the same line
-    and counts in its Lua call. The count goes to ``client``, or to this process's broker Redis
-    (`tasks.runtime.redis_client`); best effort: a failure is logged, never raised.
+    and counts in its Lua call. The count goes to ``client`` (the broker's Redis); best effort: a
+    failure is logged, never raised.
     """
     log.info("%s", transition_line(instance_id, old, new, step, fields, duration_s))
     try:
-        if client is None:
-            from tasks.runtime import redis_client
-
-            client = redis_client()
         count_transition(client, old, new)
     except Exception as exc:  # noqa: BLE001 - a metric never fails a transition that happened
         log.warning("instance %s: transition %s -> %s not counted: %s", instance_id, old, new, exc)
