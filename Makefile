@@ -35,7 +35,7 @@ browser:
 	  { echo "berth: $(BROWSER_PACKAGES) installed but chromium or chromedriver is still not on PATH" >&2; exit 1; }
 
 run: setup
-	$(PY) -m berth.run
+	$(PY) -m devtools.run
 
 lint: setup
 	$(VENV)/bin/ruff check .

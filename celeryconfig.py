@@ -48,6 +48,8 @@ broker_transport_options = {
 task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
 # Seconds a task result stays in Redis (delete removes an instance's results earlier).
 result_expires = int(_env_float("BERTH_RESULT_EXPIRES_S", 86400.0))
+# The crash drills' failpoints (devtools/failpoints.py), loaded by a worker only when a drill names some.
+imports = ("devtools.failpoints",) if os.environ.get("BERTH_FAILPOINTS") else ()
 # A result stored while the broker restarts is retried, not lost (a guest's answer to prepare).
 result_backend_always_retry = True
 result_backend_max_retries = 120

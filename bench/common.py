@@ -42,7 +42,7 @@ class BenchStack:
     procs: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from berth.broker import EmbeddedRedis
+        from devtools.broker import EmbeddedRedis
 
         self.broker = EmbeddedRedis(self.root / "redis").start()
         os.environ.update(CELERY_BROKER_URL=self.broker.url, CELERY_RESULT_BACKEND=self.broker.url,
@@ -89,7 +89,7 @@ def machine() -> dict[str, str]:
     import kombu
     import redis
 
-    from berth.broker import redis_server_binary
+    from berth.redis_server import redis_server_binary
 
     cpu = "unknown"
     try:

@@ -43,7 +43,7 @@ os.environ["BERTH_HOME"] = str(ROOT / "home")
 os.environ.setdefault("BERTH_NODE_LEASE_S", "3")
 os.environ.setdefault("BERTH_STALL_AFTER_S", "20")
 
-from berth.broker import EmbeddedRedis  # noqa: E402
+from devtools.broker import EmbeddedRedis  # noqa: E402
 
 BROKER = EmbeddedRedis(ROOT / "redis")
 os.environ["CELERY_BROKER_URL"] = os.environ["CELERY_RESULT_BACKEND"] = BROKER.url

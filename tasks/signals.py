@@ -40,7 +40,7 @@ def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
 
 def warn_about_broker_limits() -> None:
     """A broker without a memory limit, a safe eviction policy or a value limit: say so at start."""
-    from berth.broker import limit_warnings
+    from berth.redis_server import limit_warnings
     from tasks.runtime import redis_client
 
     try:

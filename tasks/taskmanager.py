@@ -20,7 +20,7 @@ from celery import Task, states
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from berth import metrics
+from berth import checkpoints, metrics
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.errors import (
     BootFailed,
@@ -36,7 +36,6 @@ from berth.errors import (
     StillWaiting,
     from_invalid_field,
 )
-from berth.failpoints import failpoint
 from berth.guestapi import check_connection, check_count, check_pong
 from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
 from berth.keys import SealError, is_sealed, unseal_at_rest
@@ -251,7 +250,7 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
                          queue_created_at=time.time())
     _building(instance_id)
-    failpoint("create_queue.done")
+    checkpoints.reached("create_queue.done")
     return instance_id
 
 
@@ -368,7 +367,7 @@ def send_prepare(self: Task, instance_id: str) -> str:
                        task_id=prepare_task_id(instance_id, record["request_id"]), expires=utc_datetime(deadline_at))
         records().incr(instance_id, "prepare_sent")
         records().set_once(instance_id, "prepare_sent_at", now)
-    failpoint("send_prepare.done")
+    checkpoints.reached("send_prepare.done")
     return instance_id
 
 

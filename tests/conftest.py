@@ -27,7 +27,7 @@ def _xdist_controller(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from berth.broker import EmbeddedRedis
+    from devtools.broker import EmbeddedRedis
 
     if _xdist_controller(config):
         return

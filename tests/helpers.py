@@ -158,7 +158,7 @@ def start_flower(log_path: Path, auth: str, **env: str) -> tuple[Proc, str]:
     """A real Flower (`celery -A tasks flower`) with basic auth on a free port, once it answers; its base URL."""
     import urllib.request
 
-    from berth.broker import free_port
+    from berth.redis_server import free_port
 
     port = free_port()
     proc = Proc(celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}"), log_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from berth.broker import EmbeddedRedis
+from devtools.broker import EmbeddedRedis
 from tasks.drivers import LocalDriver
 from tests.helpers import Proc, celery, project_env, wait_until, workflows_cli
 

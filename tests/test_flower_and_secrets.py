@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from berth.broker import free_port
 from berth.ids import step_task_id
 from berth.paths import guests_root
 from berth.records import Records, Status
+from berth.redis_server import free_port
 from tasks.runtime import redis_client
 from tests.helpers import Proc, celery, project_env, start_flower, wait_for_status, wait_until
 from workflows import provision_chain

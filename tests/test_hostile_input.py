@@ -25,13 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from berth import untrusted
-from berth.broker import EmbeddedRedis, limit_warnings, redis_server_binary
 from berth.errors import GuestError
 from berth.guestapi import check_answer, check_connection
 from berth.ids import deadletter_key, heartbeat_key, queue_lists, record_key, unacked_keys
 from berth.keys import guest_key
 from berth.paths import PROJECT_DIR
 from berth.records import Records, Status
+from berth.redis_server import limit_warnings, redis_server_binary
+from devtools.broker import EmbeddedRedis
 from guest import deadletters
 from tasks import answers, guestapi, heartbeats, queues, waiting
 from tests.helpers import Proc, guest_identity, project_env, unique_id, wait_for_status, wait_until, workflows_cli
@@ -302,7 +303,7 @@ def test_the_embedded_broker_bounds_memory_values_and_subscribers(private_redis:
 
 
 def test_the_settings_check_warns_about_a_broker_without_limits(tmp_path: Path) -> None:
-    from berth.broker import free_port
+    from berth.redis_server import free_port
 
     port = free_port()
     server = Proc([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),

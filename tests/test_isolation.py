@@ -368,7 +368,7 @@ def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack:
     """Guests' users are not written to the broker's ACL file (a rewrite of the whole file per
     user is what made 1,000 provisionings slow): a restarted broker knows its admin user only,
     each taskmanager node mints the live instances' users again, and their guests carry on."""
-    from berth.broker import ACL_FILE
+    from devtools.broker import ACL_FILE
 
     tm = stack.start_taskmanager()
     acl_file = stack.root / "redis" / ACL_FILE
@@ -403,7 +403,7 @@ def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack:
 def test_a_result_backend_of_its_own_that_restarts_gets_the_guests_users_back(stack: Any) -> None:
     """With CELERY_RESULT_BACKEND on another Redis, that server holds the guests' users too (a
     guest stores its answers there): after it restarts, each taskmanager node mints them again."""
-    from berth.broker import EmbeddedRedis
+    from devtools.broker import EmbeddedRedis
 
     results = EmbeddedRedis(stack.root / "results").start()
     try:

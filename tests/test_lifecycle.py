@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from berth.broker import free_port
 from berth.paths import PROJECT_DIR
 from berth.records import Records
+from berth.redis_server import free_port
 from tasks.drivers import group_alive
 from tests.helpers import project_env, send_to_guest, wait_until
 from tests.stack import Stack

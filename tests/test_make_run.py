@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from berth.broker import free_port
+from berth.redis_server import free_port
 from tests.helpers import Proc, project_env, wait_until
 
 
@@ -35,7 +35,7 @@ def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp
     env = project_env(BERTH_HOME=str(home), FLOWER_PORT=str(free_port()))
     for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
         env.pop(name, None)
-    launcher = Proc([sys.executable, "-m", "berth.run"], tmp_path / "run.out", env=env)
+    launcher = Proc([sys.executable, "-m", "devtools.run"], tmp_path / "run.out", env=env)
     try:
         wait_until(lambda: "press Ctrl-C" in launcher.log() or not launcher.alive(), 150, interval_s=0.2,
                    message="make run ready")

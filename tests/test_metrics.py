@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from berth import metrics
-from berth.broker import free_port
 from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, record_key, step_task_id
 from berth.logs import parse_structured
 from berth.records import Records, Status, log_transition
+from berth.redis_server import free_port
 from tasks import app
 from tasks.runtime import redis_client
 from tasks.taskmanager import CHAIN_STEPS, validated

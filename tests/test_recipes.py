@@ -1,8 +1,8 @@
-"""The README's `celery call` recipes, run exactly as written, against a private stack.
+"""The `celery call` recipes of docs/guest-api.md, run exactly as written, against a private stack.
 
-Each recipe is a ```console block after a ``<!-- recipe: NAME -->`` line in README.md: its ``$ ``
+Each recipe is a ```console block after a ``<!-- recipe: NAME -->`` line in docs/guest-api.md: its ``$ ``
 lines run one after another in one bash (so ``id=$(...)`` carries over), and what each prints
-must match the lines the README shows under it, ids, ports and process ids aside.
+must match the lines the page shows under it, ids, ports and process ids aside.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ MARK = "\x1eberth-recipe-line\x1e"
 
 
 def recipes() -> dict[str, list[tuple[str, list[str]]]]:
-    """Each recipe's (command, expected output lines), in README order."""
+    """Each recipe's (command, expected output lines), in the page's order."""
     found: dict[str, list[tuple[str, list[str]]]] = {}
-    for match in RECIPE_RE.finditer((PROJECT_DIR / "README.md").read_text()):
+    for match in RECIPE_RE.finditer((PROJECT_DIR / "docs" / "guest-api.md").read_text()):
         steps: list[tuple[str, list[str]]] = []
         for line in match["body"].splitlines():
             if line.startswith("$ "):

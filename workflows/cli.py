@@ -22,13 +22,13 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from berth.broker import redis_cli_command
 from berth.config import UnsafeSettings, ensure_safe
 from berth.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
 from berth.guestapi import check_pong
 from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.keys import KeyProblem, check_master_key
 from berth.records import FINAL, SERVING, InstanceRecord, Status
+from berth.redis_server import redis_cli_command
 from berth.spec import InvalidField, check_instance_id
 from berth.untrusted import escape
 from guest.launch import agent_command

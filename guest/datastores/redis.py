@@ -22,8 +22,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from berth.broker import free_port, redis_server_binary
 from berth.paths import replace_file
+from berth.redis_server import free_port, redis_server_binary
 from guest.errors import DatastoreError, PrepareError
 
 ADMIN_USER = "berth-admin"

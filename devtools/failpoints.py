@@ -1,8 +1,9 @@
 """Named crash points for the drills: a process stops at an exact step, then is killed from outside.
 
-Off unless ``BERTH_FAILPOINTS`` is set (a comma-separated list of point names), so production
-code pays one dictionary lookup. At an enabled point the process writes a marker file named
-after the point into ``BERTH_FAILPOINT_DIR`` and then hangs, holding whatever it holds (an
+The taskmanager's steps name their points (`berth.checkpoints.reached`); this module watches
+them, and is loaded into a taskmanager only when ``BERTH_FAILPOINTS`` is set (a comma-separated
+list of point names; celeryconfig imports it then). At an enabled point the process writes a
+marker file named after the point into ``BERTH_FAILPOINT_DIR`` and then hangs, holding whatever it holds (an
 unacknowledged message, a half-done step), until the drill SIGKILLs it. A drill therefore
 kills a taskmanager *after* create_queue declared the queue but *before* the chain went on,
 which no outside timing can hit reliably.
@@ -14,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-POINTS = ("create_queue.done", "send_prepare.done")
+from berth import checkpoints
 
 
 def _enabled() -> frozenset[str]:
@@ -30,3 +31,6 @@ def failpoint(name: str) -> None:
     (folder / name).write_text(str(os.getpid()))
     while True:
         time.sleep(60)
+
+
+checkpoints.watch(failpoint)

@@ -20,8 +20,9 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from berth.broker import admin_url, free_port, private_dir, redis_cli_command, wait_until_ready
 from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file
+from berth.redis_server import free_port, redis_cli_command
+from devtools.broker import admin_url, private_dir, wait_until_ready
 
 READY_TIMEOUT_S = 60.0
 DEMO_USER = "app"
