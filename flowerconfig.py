@@ -3,7 +3,7 @@
 Flower never runs open: with no ``FLOWER_BASIC_AUTH=user:password`` in the environment, it
 requires user ``admin`` with a random password kept in ``$BERTH_HOME/flower.auth`` (mode 0600,
 made on first start). Flower serves ``/metrics`` and ``/healthcheck`` without authentication
-all the same: see the README's threat model.
+all the same: see docs/isolation.md (Flower, threat model).
 
 Berth's own series (``berth_*``, `berth.metrics`) are registered here into prometheus_client's
 default registry, so Flower's ``/metrics`` serves them next to its ``flower_*`` series; they are

@@ -210,7 +210,7 @@ def seal_with(fernet: Fernet, secret: str) -> str:
 
 
 def unseal_with(fernet: Fernet, sealed: object) -> str:
-    from cryptography.fernet import InvalidToken
+    from cryptography.fernet import InvalidToken  # lazy, as in GuestKey._fernet: 6 MiB per guest
 
     if not is_sealed(sealed):
         raise SealError("not a sealed value")
@@ -222,7 +222,7 @@ def unseal_with(fernet: Fernet, sealed: object) -> str:
 
 
 def _at_rest() -> Fernet:
-    from cryptography.fernet import Fernet
+    from cryptography.fernet import Fernet  # lazy, as in GuestKey._fernet: 6 MiB per guest
 
     return Fernet(base64.urlsafe_b64encode(_derive(master_key(), "at-rest")))
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from celery import Celery, bootsteps
+from celery.worker import state
 from kombu.transport import redis as redis_transport
 from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
 
@@ -53,8 +54,6 @@ def restore(app: Celery, transport_options: Mapping[str, Any] | None = None,
 
 def _tags_in_hand() -> set[str]:
     """Delivery tags of the messages this worker holds: running, waiting for a slot, or for their ETA."""
-    from celery.worker import state
-
     tags = set()
     for requests in (state.active_requests, state.reserved_requests, state.scheduled_requests):
         for request in list(requests):

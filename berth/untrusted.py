@@ -6,7 +6,7 @@ The control plane reads them, and whatever it reads from there goes through this
 
 - size is bounded on the broker, before anything is read (`read_bounded`: GETRANGE returns at
   most the limit plus one byte), or, for what arrives on its own (a publish), checked before it
-  is parsed; the broker itself refuses any value over ``proto-max-bulk-len`` (berth/broker.py);
+  is parsed; the broker itself refuses any value over ``proto-max-bulk-len`` (berth/redis_server.py);
 - bytes are decoded strictly as UTF-8, JSON is parsed with a nesting limit and without NaN or
   Infinity (`decode_json`);
 - every string that may reach a record, a log line, Flower or a terminal has its control

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
+from kombu.transport import redis as redis_transport
 
 from berth.config import UnsafeSettings, ensure_safe
 from berth.ids import guest_queue, unacked_keys
@@ -35,8 +36,6 @@ def own_queue_lookup(instance_id: str) -> None:
     broker user may not read (or write) bindings, and every message it holds came from guest.ID,
     whatever exchange its envelope names.
     """
-    from kombu.transport import redis as redis_transport
-
     name = guest_queue(instance_id)
 
     def lookup(self: Any, exchange: str, routing_key: str, default: Any = None) -> list[str]:

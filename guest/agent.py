@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Task
 from celery.signals import task_failure, task_success
 
@@ -174,8 +175,6 @@ def _dead_letter(instance_id: str, reason: str, error: str, request: Any) -> Non
 
 
 def _broker() -> Any:
-    import redis
-
     return redis.Redis.from_url(app.conf.broker_url, socket_connect_timeout=2.0)
 
 

@@ -17,9 +17,12 @@ from typing import Any
 import redis
 
 from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, prepare_task_id
+from berth.records import Status
 from berth.steps import ThreadStep
 from berth.untrusted import MAX_ANSWER_BYTES, Malformed, RateLimitedLog, as_text, one_line
 from tasks import waiting
+from tasks.runtime import records
+from tasks.taskmanager import _activate, prepare_answer
 
 log = logging.getLogger("berth.answers")
 CHANNEL_PATTERN = f"{RESULT_KEY_PREFIX}*.{GUEST_TASK_MARK}.prepare.*"
@@ -32,10 +35,6 @@ def on_answer(channel: bytes | str, data: bytes | str) -> bool:
     Channel and data are a guest's bytes: anything odd is left to `verify`, which reads the
     stored answer itself and fails the instance when it is malformed.
     """
-    from berth.records import Status
-    from tasks.runtime import records
-    from tasks.taskmanager import _activate, prepare_answer
-
     try:
         task_id = as_text(channel, "channel").removeprefix(RESULT_KEY_PREFIX)
     except Malformed:

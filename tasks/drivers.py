@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Protocol
 
 from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
+from tasks.celery_app import app
+from tasks.credentials import guest_env
 
 BOOTED_BY = "booted_by"
 REQUEST = "request_id"
@@ -181,9 +183,6 @@ class LocalDriver:
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
 
     def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
-        from tasks.celery_app import app
-        from tasks.credentials import guest_env
-
         env = inherited(dict(os.environ))
         env.update(BERTH_HOME=str(self.home or berth_home()),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
@@ -250,8 +249,6 @@ class LocalDriver:
 
 
 def _stop_timeout_s() -> float:
-    from tasks.celery_app import app
-
     return float(app.conf.berth_guest_stop_timeout_s)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
 
+from berth.errors import InvalidRequest
 from berth.keys import SIGNATURE_HEADER, GuestKey, is_sealed, seal_at_rest
 
 MASK = "********"
@@ -88,8 +89,6 @@ class MaskingAMQP(AMQP):
                    *rest: Any, **options: Any) -> Any:
         limit = POSITIONAL_LIMITS.get(name)
         if limit is not None and len(args or ()) > limit:
-            from berth.errors import InvalidRequest
-
             raise InvalidRequest("args", f"{name} takes at most {limit} positional argument(s); give the password "
                                          "as a keyword (--kwargs '{\"password\": ...}'): keywords are masked and "
                                          "sealed, positions are not. Nothing was sent")

@@ -8,6 +8,10 @@ from typing import Any
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from berth.config import UnsafeSettings, ensure_safe
+from berth.redis_server import limit_warnings
+from tasks import credentials
+from tasks.drivers import LocalDriver
+from tasks.runtime import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +29,6 @@ def refuse_unsafe_settings(sender: Any = None, **_: Any) -> None:
 @worker_ready.connect
 def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
     """A broker whose default user needs no password isolates nobody: say so at start."""
-    from tasks import credentials
-    from tasks.runtime import redis_client
-
     try:
         problem = credentials.isolation_problem(redis_client())
     except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
@@ -40,9 +41,6 @@ def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
 
 def warn_about_broker_limits() -> None:
     """A broker without a memory limit, a safe eviction policy or a value limit: say so at start."""
-    from berth.redis_server import limit_warnings
-    from tasks.runtime import redis_client
-
     try:
         warnings = limit_warnings(redis_client())
     except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
@@ -55,8 +53,6 @@ def warn_about_broker_limits() -> None:
 @worker_shutdown.connect
 def stop_local_guests(sender: Any = None, **_: Any) -> None:
     """Local guests are children of the taskmanager node that booted them: they stop with it."""
-    from tasks.drivers import LocalDriver
-
     hostname = getattr(sender, "hostname", None)
     if not hostname:
         return

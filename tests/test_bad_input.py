@@ -274,3 +274,18 @@ def test_random_input_is_answered_or_dead_lettered_and_never_held(
     each_item_is_answered_or_dead_lettered()
     assert guest.alive()
     assert ping(instance_id, "last").get(timeout=20)["instance_id"] == instance_id
+
+
+def test_the_command_line_stops_quietly_when_its_reader_goes_away() -> None:
+    """`python -m workflows list | head -1`: no BrokenPipe traceback. `true` reads nothing and is gone
+    before the command line's first line is written, so the pipe is always broken by then."""
+    import subprocess
+    import sys
+
+    from berth.paths import PROJECT_DIR
+    from tests.helpers import project_env
+
+    out = subprocess.run(["bash", "-c", f"{sys.executable} -m workflows list | true; exit ${{PIPESTATUS[0]}}"],
+                         capture_output=True, text=True, cwd=PROJECT_DIR, env=project_env(), timeout=60)
+    assert out.stderr == "", out.stderr
+    assert out.returncode == 1

@@ -203,7 +203,7 @@ def test_no_event_of_a_provisioning_carries_its_password(new_id: Callable[[str],
 
 def test_flower_requires_basic_auth_by_default_and_serves_metrics_without(tmp_path: Path) -> None:
     """Without FLOWER_BASIC_AUTH, Flower still asks for a password (flowerconfig.py); /metrics
-    and /healthcheck are Flower's own and open, as the README warns."""
+    and /healthcheck are Flower's own and open, as docs/isolation.md warns."""
     import urllib.error
 
     port = free_port()

@@ -38,7 +38,7 @@ def recipes() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def pattern(expected: str) -> re.Pattern[str]:
-    """The README's output line as a pattern: its ids, hex tags and numbers stand for any."""
+    """The recipe's output line as a pattern: its ids, hex tags and numbers stand for any."""
     parts = re.split(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{12}|\d+)", expected)
     regex = "".join(re.escape(p) if i % 2 == 0 else r"[0-9a-f-]+" for i, p in enumerate(parts))
     return re.compile(regex)
@@ -46,7 +46,7 @@ def pattern(expected: str) -> re.Pattern[str]:
 
 def run(stack: Any, name: str) -> None:
     steps = recipes()[name]
-    assert steps, f"README has no recipe {name!r}"
+    assert steps, f"docs/guest-api.md has no recipe {name!r}"
     script = "set -e\n" + "".join(f"echo '{MARK}'\n{command}\n" for command, _ in steps)
     env = {**stack.env, "PATH": f"{Path(sys.executable).parent}:{stack.env.get('PATH', '')}"}
     done = subprocess.run(["bash", "-c", script], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
@@ -56,9 +56,9 @@ def run(stack: Any, name: str) -> None:
     assert len(outputs) == len(steps), done.stdout
     for (command, expected), output in zip(steps, outputs, strict=True):
         got = [line for line in output.splitlines() if line.strip()]
-        assert len(got) == len(expected), f"$ {command}\nREADME shows {expected}\nprinted {got}"
+        assert len(got) == len(expected), f"$ {command}\ndocs/guest-api.md shows {expected}\nprinted {got}"
         for want, line in zip(expected, got, strict=True):
-            assert pattern(want).fullmatch(line), f"$ {command}\nREADME shows {want}\nprinted {line}"
+            assert pattern(want).fullmatch(line), f"$ {command}\ndocs/guest-api.md shows {want}\nprinted {line}"
 
 
 def test_the_readmes_celery_call_recipes_work_as_written(stack: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import json
 import shlex
 import sys
@@ -23,14 +24,24 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from berth.config import UnsafeSettings, ensure_safe
-from berth.errors import InstanceExists, InstanceNotFound, InvalidRequest, QueueMissing
-from berth.guestapi import check_pong
+from berth.errors import (
+    GuestError,
+    GuestTimeout,
+    GuestUnreachable,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotServing,
+    InvalidRequest,
+    QueueMissing,
+)
+from berth.guestapi import OPERATIONS, check_pong
 from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
 from berth.keys import KeyProblem, check_master_key
 from berth.records import FINAL, SERVING, InstanceRecord, Status
 from berth.redis_server import redis_cli_command
 from berth.spec import InvalidField, check_instance_id
 from berth.untrusted import escape
+from guest import deadletters
 from guest.launch import agent_command
 from tasks import app, credentials, guestapi, heartbeats, queues, waiting
 from tasks.runtime import raw_redis_client, raw_result_client, records, setting
@@ -116,8 +127,6 @@ API_COMMANDS = {
 
 
 def add_guest_api(sub: Any) -> None:
-    from berth.guestapi import OPERATIONS
-
     for command, (name, positional) in API_COMMANDS.items():
         p = sub.add_parser(command, help=f"guest API: {OPERATIONS[name].summary}",
                            description=f"Calls guest.{name} on the instance's guest and prints its answer as JSON. "
@@ -135,8 +144,6 @@ def add_guest_api(sub: Any) -> None:
 
 
 def read_password(args: argparse.Namespace) -> str:
-    import getpass
-
     if args.password_stdin or not sys.stdin.isatty():
         return sys.stdin.readline().rstrip("\n")
     first = getpass.getpass(f"password for {args.name}: ")
@@ -146,8 +153,6 @@ def read_password(args: argparse.Namespace) -> str:
 
 
 def cmd_guest_api(args: argparse.Namespace) -> int:
-    from berth.errors import GuestError, GuestTimeout, GuestUnreachable, InstanceNotServing
-
     name, positional = API_COMMANDS[args.command]
     arguments = {arg: getattr(args, arg) for arg in positional}
     if name == "create_user":
@@ -458,8 +463,6 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from guest import deadletters
-
     instance_id = _checked_id(args.instance_id)
     check_broker()
     print(json.dumps(deadletters.read(raw_redis_client(), instance_id, limit=args.limit), indent=2, sort_keys=True))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from guest.datastores.noop import NoopManager
+from guest.datastores.redis import RedisManager
 from guest.errors import InvalidMessage
 
 
@@ -51,9 +53,6 @@ class Manager(Protocol):
 
 
 def get_manager(datastore: str, home: Path) -> Manager:
-    from guest.datastores.noop import NoopManager
-    from guest.datastores.redis import RedisManager
-
     managers: dict[str, type[Manager]] = {"redis": RedisManager, "noop": NoopManager}
     if datastore not in managers:
         raise InvalidMessage(f"unknown datastore {datastore!r}")
