@@ -54,18 +54,18 @@ def run_guest(stack: BenchStack, n: int) -> tuple[float, int]:
     from berth.ids import guest_task_prefix
     from berth.keys import guest_key
     from guest.launch import agent_command
-    from tasks import app, credentials, queues
-    from tasks.runtime import redis_client, result_client
+    from tasks import channel
+    from tasks.runtime import broker, guest_env
 
     instance_id, request_id = f"fp-{n}", uuid.uuid4().hex
-    queues.declare(redis_client(), instance_id)
-    credentials.mint(instance_id, request_id, redis_client(), result_client())
-    env = {**os.environ, **credentials.guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend)}
+    broker().declare_guest_queue(instance_id)
+    broker().mint_guest(instance_id, request_id)
+    env = {**os.environ, **guest_env(instance_id, request_id)}
     key = guest_key(instance_id, request_id)
     command = agent_command(instance_id)
 
     def send() -> Any:
-        return queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
+        return channel.publish(instance_id, "guest.ping", kwargs={"instance_id": instance_id},
                               task_id=f"{guest_task_prefix(instance_id)}fp.{uuid.uuid4().hex[:12]}",
                               expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1), key=key)
 

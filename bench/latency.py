@@ -62,16 +62,14 @@ def broker_round_trips(count: int) -> dict[str, Any]:
 
 def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str, str]]:
     """Live guests for ids, with their users and keys ahead of create_queue (as `guest-env` gives)."""
-    from tasks import app, credentials
-    from tasks.runtime import redis_client, result_client
+    from tasks.runtime import broker, guest_env
     from tests.helpers import guest_command, wait_until
 
     guests, request_ids = [], {}
     for instance_id in ids:
         request_ids[instance_id] = uuid.uuid4().hex
-        credentials.mint(instance_id, request_ids[instance_id], redis_client(), result_client())
-        env = {**os.environ, **credentials.guest_env(instance_id, request_ids[instance_id], app.conf.broker_url,
-                                                     app.conf.result_backend)}
+        broker().mint_guest(instance_id, request_ids[instance_id])
+        env = {**os.environ, **guest_env(instance_id, request_ids[instance_id])}
         guests.append(stack.start(guest_command(instance_id), f"guest-{instance_id}", env=env))
     for guest in guests:
         wait_until(lambda: " ready." in guest.log(), 120, interval_s=0.1, message="guest ready")  # noqa: B023

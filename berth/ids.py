@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 
 # Always used with fullmatch: "db-1\n" is not an id.
 INSTANCE_ID_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?")
@@ -83,6 +84,11 @@ def guest_task_id(instance_id: str, request_id: str, name: str) -> str:
     return f"{guest_task_prefix(instance_id)}{name}.{request_tag(request_id)}"
 
 
+def fresh_guest_task_id(instance_id: str, name: str) -> str:
+    """``<id>.guest.<name>.<random>``: a message to the guest that no request names (a call, a ping)."""
+    return f"{guest_task_prefix(instance_id)}{name}.{uuid.uuid4().hex[:12]}"
+
+
 def ping_task_id(instance_id: str, request_id: str, attempt: int) -> str:
     return guest_task_id(instance_id, request_id, f"ping{attempt}")
 
@@ -153,3 +159,7 @@ def node_unacked_keys(nodename: str) -> dict[str, str]:
 
 # The task the reconciler sends to resume a stalled chain (tasks/reconcile.py, workflows/tasks.py).
 RESUME_TASK = "workflows.resume"
+# Tasks whose id is the request's, not the instance's: their first argument names the instance.
+REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete", RESUME_TASK})
+# The control plane's own queue (celeryconfig's task_default_queue).
+TASKMANAGER_QUEUE = "taskmanager"

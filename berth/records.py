@@ -51,6 +51,8 @@ class Reason(StrEnum):
 FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED, Status.SHUTDOWN, Status.UNKNOWN})
 # A provisioned instance: its guest heartbeats and answers the guest API.
 SERVING = frozenset({Status.ACTIVE, Status.SHUTDOWN, Status.UNKNOWN})
+# Instances whose guest holds a broker user: minted by create_queue, revoked by delete.
+HOLDS_BROKER_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
 INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",
@@ -223,6 +225,17 @@ class Records:
             pipe.hmget(key, list(fields))
             stored = pipe.execute()[-1]
         return {name: _decode(name, raw) for name, raw in zip(fields, stored, strict=True)}
+
+    def live_guests(self) -> list[tuple[str, str]]:
+        """(instance id, request id) of every instance whose guest holds broker credentials:
+        minted by create_queue, revoked by delete (while DELETING)."""
+        ids = [text(raw) for raw in self.client.zrange(RECORD_INDEX_KEY, 0, -1)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for instance_id in ids:
+                pipe.hmget(record_key(instance_id), ["status", "request_id"])
+            found = pipe.execute()
+        return [(iid, text(rid)) for iid, (status, rid) in zip(ids, found, strict=True)
+                if status is not None and rid and text(status) in HOLDS_BROKER_USER]
 
     def step_ran(self, instance_id: str, now: float | None = None) -> None:
         """A step of the instance's chain (provisioning or delete) ran just now."""

@@ -16,32 +16,16 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
-from kombu.transport import redis as redis_transport
 
+from berth.brokers import broker_for
 from berth.config import UnsafeSettings, ensure_safe
-from berth.ids import guest_queue, unacked_keys
+from berth.ids import guest_queue
 from berth.keys import KeyProblem
 from berth.paths import guest_dir
-from berth.unacked import RestoreOwnUnacked, use_own_hash
 from guest.celery_app import app
 from guest.heartbeat import Heartbeat
 from guest.identity import Identity, identity, load_identity
 from guest.recovery import AgentRunning, hold_agent_lock
-
-
-def own_queue_lookup(instance_id: str) -> None:
-    """Put back a message this guest took to its own queue, without reading the queue's bindings.
-
-    kombu looks the queue up in ``_kombu.binding.<exchange>`` when it restores a message; a guest's
-    broker user may not read (or write) bindings, and every message it holds came from guest.ID,
-    whatever exchange its envelope names.
-    """
-    name = guest_queue(instance_id)
-
-    def lookup(self: Any, exchange: str, routing_key: str, default: Any = None) -> list[str]:
-        return [name]
-
-    redis_transport.Channel._lookup = lookup  # type: ignore[method-assign]
 
 
 def bind_instance(celery_app: Celery, instance_id: str) -> Queue:
@@ -51,8 +35,6 @@ def bind_instance(celery_app: Celery, instance_id: str) -> Queue:
                   durable=True, no_declare=True)
     celery_app.conf.berth_instance_id = instance_id
     celery_app.conf.task_default_queue = name
-    celery_app.conf.broker_transport_options = {
-        **celery_app.conf.broker_transport_options, **unacked_keys(instance_id)}
     celery_app.amqp.queues.add(queue)
     celery_app.amqp.queues.select([name])
     return queue
@@ -72,8 +54,8 @@ class BindGuestQueue(bootsteps.Step):
             except (UnsafeSettings, AgentRunning, KeyProblem) as exc:
                 raise SystemExit(f"guest agent for {instance_id} refused to start: {exc}") from exc
             bind_instance(worker.app, instance_id)
-            use_own_hash(worker.app.conf.broker_url)
-            own_queue_lookup(instance_id)
+            # The broker's own part: per-guest bookkeeping of what it takes (berth/brokers).
+            broker_for(worker.app.conf.broker_url, worker.app.conf.result_backend).bind_guest(worker.app, instance_id)
 
 
 app.steps["worker"].add(BindGuestQueue)
@@ -81,6 +63,7 @@ app.steps["worker"].add(BindGuestQueue)
 app.steps["worker"].add(Heartbeat)
 # What a previous run of this guest took and never acknowledged goes back to guest.ID when the
 # consumer connects, and again after a lost broker connection.
-app.steps["consumer"].add(RestoreOwnUnacked)
+for _step in broker_for(app.conf.broker_url, app.conf.result_backend).consumer_steps():
+    app.steps["consumer"].add(_step)
 
 __all__ = ["Identity", "app", "bind_instance", "identity"]

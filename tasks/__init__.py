@@ -6,12 +6,12 @@ provisioning steps and `workflows` for the chain that composes them.
 
 from __future__ import annotations
 
-from berth.unacked import RestoreOwnUnacked
 from tasks import signals  # noqa: F401  (settings check at start; local guests stop with it)
 from tasks.answers import PrepareAnswers
 from tasks.celery_app import app
 from tasks.heartbeats import HeartbeatMonitor
 from tasks.nodes import OwnUnacked
+from tasks.runtime import broker
 
 # Each node keeps its in-flight messages apart and takes them back when it (re)connects.
 app.steps["worker"].add(OwnUnacked)
@@ -19,6 +19,8 @@ app.steps["worker"].add(OwnUnacked)
 app.steps["worker"].add(HeartbeatMonitor)
 # A guest's answer to prepare makes its instance ACTIVE the moment it is stored (tasks/answers.py).
 app.steps["worker"].add(PrepareAnswers)
-app.steps["consumer"].add(RestoreOwnUnacked)
+# What the broker needs of every consumer (Redis: each puts back what it held unacknowledged).
+for _step in broker().consumer_steps():
+    app.steps["consumer"].add(_step)
 
 __all__ = ["app"]

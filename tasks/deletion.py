@@ -26,10 +26,10 @@ from berth.errors import InstanceNotDeleting, InstanceNotFound
 from berth.ids import deadletter_key, guest_task_id
 from berth.records import InstanceRecord, Status
 from berth.untrusted import list_length
-from tasks import credentials, heartbeats, queues, waiting
+from tasks import channel, heartbeats, waiting
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
-from tasks.runtime import raw_redis_client, raw_result_client, records, redis_client, result_client, setting
+from tasks.runtime import broker, raw_result_client, records, redis_client, setting
 from tasks.taskmanager import (
     Step,
     audit_counts,
@@ -79,7 +79,7 @@ def shutdown_guest(self: Task, instance_id: str) -> str:
     record = _deleting(instance_id)
     if record.get("guest_shutdown"):
         return instance_id  # done by an earlier run of this step
-    if not queues.exists(redis_client(), instance_id):
+    if not broker().guest_queue_exists(instance_id):
         records().update(instance_id, guest_shutdown="no queue")
         return instance_id
     request_id = record["delete_request_id"]
@@ -90,9 +90,9 @@ def shutdown_guest(self: Task, instance_id: str) -> str:
         if not _guest_answers(self, record, request_id, now):
             records().update(instance_id, guest_shutdown="no answer to ping")
             return instance_id
-        queues.publish(app, redis_client(), instance_id, "guest.shutdown", kwargs={"instance_id": instance_id},
+        channel.publish(instance_id, "guest.shutdown", kwargs={"instance_id": instance_id},
                        task_id=shutdown_id, expires=utc_datetime(now + setting("shutdown_deadline_s")),
-                       key=credentials.key_of(record))
+                        key=channel.key_of(record))
         sent_at = records().set_once(instance_id, "shutdown_sent_at", now)
         answer = waiting.wait_for_result(raw_result_client(), shutdown_id, setting("verify_reply_wait_s"))
     else:
@@ -151,10 +151,9 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
     dead_letters = list_length(redis_client(), deadletter_key(instance_id))
     # The guest's broker user first (Redis drops its connections): a guest still running
     # somewhere can write none of the keys removed next.
-    credentials.revoke(instance_id, redis_client(), result_client())
+    broker().revoke_guest(instance_id)
     heartbeats.forget(redis_client(), instance_id)
-    removed = queues.remove_instance_keys(raw_redis_client(), raw_result_client(), instance_id,
-                                          extra_task_ids=(record["request_id"],))
+    removed = broker().remove_instance(instance_id, extra_task_ids=(record["request_id"],))
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
                          deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,
                          guest_user_revoked=1)

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
 from tasks.celery_app import app
-from tasks.credentials import guest_env
+from tasks.runtime import guest_env
 
 BOOTED_BY = "booted_by"
 REQUEST = "request_id"
@@ -186,7 +186,7 @@ class LocalDriver:
         env = inherited(dict(os.environ))
         env.update(BERTH_HOME=str(self.home or berth_home()),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
-                   **guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend))
+                   **guest_env(instance_id, request_id))
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "guest.launch", "--instance-id", instance_id,

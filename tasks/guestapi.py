@@ -15,10 +15,8 @@ guest's message. A password travels sealed with the guest's key.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
-import uuid
 from typing import Any
 
 from berth.errors import (
@@ -30,15 +28,15 @@ from berth.errors import (
     InvalidRequest,
     from_invalid_field,
 )
-from berth.guestapi import UnknownOperation, check_answer, check_arguments, check_pong, operation
-from berth.ids import guest_task_prefix, request_tag, result_key
+from berth.guestapi import UnknownOperation, check_answer, check_arguments, operation
+from berth.ids import fresh_guest_task_id, guest_task_prefix, request_tag, result_key
 from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord
 from berth.spec import InvalidField, check_instance_id
 from berth.untrusted import Malformed
-from tasks import credentials, heartbeats, queues, waiting
-from tasks.celery_app import app
-from tasks.runtime import raw_result_client, records, redis_client, result_client, setting
+from tasks import channel, heartbeats, waiting
+from tasks.channel import in_seconds
+from tasks.runtime import raw_result_client, records, result_client, setting
 
 log = logging.getLogger("berth.guestapi")
 
@@ -81,10 +79,9 @@ def _publish(record: InstanceRecord, task: str, kwargs: dict[str, Any], task_id:
     """Send task to the guest, signed, expiring; task_id None: a fresh one named after the task."""
     instance_id = record.instance_id
     if task_id is None:
-        task_id = f"{guest_task_prefix(instance_id)}{task.removeprefix('guest.')}.{uuid.uuid4().hex[:12]}"
-    queues.publish(app, redis_client(), instance_id, task, kwargs={"instance_id": instance_id, **kwargs},
-                   task_id=task_id, expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_in_s),
-                   key=credentials.key_of(record))
+        task_id = fresh_guest_task_id(instance_id, task.removeprefix("guest."))
+    channel.publish(instance_id, task, kwargs={"instance_id": instance_id, **kwargs}, task_id=task_id,
+                    expires=in_seconds(expires_in_s), key=channel.key_of(record))
     return task_id
 
 
@@ -97,11 +94,10 @@ def ping_check(record: InstanceRecord) -> bool:
         return False
     timeout = float(setting("guest_ping_timeout_s"))
     age = heartbeats.age_s(record)
-    ping_id = _publish(record, "guest.ping", {}, f"{guest_task_prefix(record.instance_id)}apiping."
-                                                 f"{uuid.uuid4().hex[:12]}", timeout)
-    answer = waiting.wait_for_result(raw_result_client(), ping_id, timeout)
+    ping_id = fresh_guest_task_id(record.instance_id, "apiping")
+    pong = channel.ping(record, ping_id, expires=in_seconds(timeout), wait_s=timeout)
     result_client().delete(result_key(ping_id))
-    if answer is None or not answer.ok or check_pong(answer.result, record.instance_id) is None:
+    if pong is None:
         heard = "never heard from" if age is None else f"last heartbeat {age:.0f} s ago"
         raise GuestUnreachable(f"guest of {record.instance_id} did not answer a ping within {timeout:g} s "
                                f"({heard}): nothing sent")
@@ -129,7 +125,7 @@ def call(instance_id: object, name: str, arguments: dict[str, Any] | None = None
         record = serving(iid)
         pinged = ping_check(record)
         if "password" in checked:
-            checked["password"] = credentials.key_of(record).seal(checked["password"])
+            checked["password"] = channel.key_of(record).seal(checked["password"])
         task_id = _publish(record, f"guest.{name}", checked, task_id,
                            float(setting("guest_cast_ttl_s")) if cast else timeout)
         if cast:

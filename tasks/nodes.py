@@ -5,8 +5,9 @@ in its own unacked hash, ``unacked.node.NAME``, and holds a lease in Redis,
 ``berth:node:NAME`` = ``host|pid``, renewed every third of ``berth_node_lease_s``:
 
 - a node restarted under the same name gets its previous run's messages back when it
-  connects (`berth.unacked.RestoreOwnUnacked`); on the same host it takes over a lease whose
-  process is gone at once, otherwise it waits for the lease to lapse;
+  connects (the broker's consumer step: `berth.brokers.redis.unacked.RestoreOwnUnacked`); on
+  the same host it takes over a lease whose process is gone at once, otherwise it waits for
+  the lease to lapse;
 - a node that never comes back: any other node finds its lease lapsed and puts its messages
   back on their queues (a sweep every third of the lease);
 - two live processes never share a name: the second refuses to start.
@@ -27,12 +28,12 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 
-from berth import unacked
 from berth.ids import NODES_KEY, lease_key, node_unacked_keys
 from berth.keys import KeyProblem, check_master_key
-from tasks import credentials
+from berth.records import Records
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
+from tasks.runtime import broker
 
 log = logging.getLogger("berth.nodes")
 # Replace the lease only if it still holds the value we expect.
@@ -111,7 +112,7 @@ class Lease:
             if not self.client.set(lease_key(name), claim, nx=True, px=self.ttl_ms):
                 continue
             try:
-                count = unacked.restore(self.app, node_unacked_keys(name))
+                count = broker().restore_unacked(self.app, node_unacked_keys(name))
                 self.client.srem(NODES_KEY, name)
                 self._missing_since.pop(name, None)
                 restored += count
@@ -128,26 +129,19 @@ class Lease:
         look stalled would be resumed twice.
         """
         stall_after_s = float(self.app.conf.berth_stall_after_s)
-        # Guests' users, on the broker and on the result backend (when it is another server), at
-        # start and whenever one restarted (a new run id) or failed: they are in no ACL file.
-        servers = self.servers()
-        distinct = credentials.distinct_servers(*servers)
+        # Guests' broker users, at start and whenever a server restarted or failed: a broker may
+        # keep them in no file (berth/brokers).
         check_users = True
-        runs: dict[int, str] = {}
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                for n, server in enumerate(distinct):
-                    run_id = str(server.info("server").get("run_id"))
-                    if check_users or run_id != runs.get(n):
-                        credentials.restore_missing(self.client, server, *servers)
-                        runs[n] = run_id
+                broker().restore_guests(Records(self.client).live_guests, everywhere=check_users)
                 check_users = False
                 if not self.renew() and not self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
                     log.error("node %s: lost its lease to %s", self.nodename, self.client.get(self.key))
                 self.client.sadd(NODES_KEY, self.nodename)
                 self.sweep()
                 if time.monotonic() - self.last_broker_error >= stall_after_s:
-                    reconcile(self.client, stall_after_s)
+                    reconcile(broker(), self.client, stall_after_s)
             except redis.RedisError as exc:
                 self.last_broker_error = time.monotonic()
                 check_users = True
@@ -156,17 +150,6 @@ class Lease:
                 self.last_broker_error = time.monotonic()
                 check_users = True
                 log.exception("node %s: lease upkeep failed; retrying", self.nodename)
-
-    def servers(self) -> list[redis.Redis]:
-        """The broker, and the result backend when it is a Redis one."""
-        backend = str(self.app.conf.result_backend or "")
-        others = []
-        if backend.startswith(("redis://", "rediss://", "unix://")):
-            others.append(redis.Redis.from_url(backend, decode_responses=True, socket_connect_timeout=2.0,
-                                                socket_timeout=10.0))
-        # Every client, not one per server: a result backend on the broker's server in another
-        # database is a database guests may select (`credentials.databases_on`).
-        return [self.client, *others]
 
     def start(self) -> None:
         threading.Thread(target=self.keep, name="berth-node-lease", daemon=True).start()
@@ -193,8 +176,9 @@ class OwnUnacked(bootsteps.StartStopStep):
             lease.acquire(wait_s=ttl_s + 1.0)
         except (NodeNameTaken, KeyProblem, redis.RedisError) as exc:
             raise SystemExit(f"taskmanager {nodename} refused to start: {exc}") from exc
-        app.conf.broker_transport_options = {**app.conf.broker_transport_options, **node_unacked_keys(nodename)}
-        unacked.use_own_hash(app.conf.broker_url)
+        keys = node_unacked_keys(nodename)
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, **keys}
+        broker().use_own_unacked(keys)
         self.lease = lease
 
     def create(self, worker: Any) -> Lease | None:

@@ -14,22 +14,18 @@ resuming a chain that was only slow costs a repeat, never a doubled effect.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from typing import Any, cast
 
 import redis
 
-from berth.ids import INFLIGHT_KEY, NODES_KEY, RESUME_TASK, node_unacked_keys
+from berth.brokers import Broker
+from berth.ids import INFLIGHT_KEY, NODES_KEY, RESUME_TASK, TASKMANAGER_QUEUE
 from berth.records import InstanceRecord, Records, Status, text
-from berth.unacked import SHARED_UNACKED_KEY
-from tasks import waiting
 from tasks.celery_app import app
 
 log = logging.getLogger("berth.reconcile")
-TASKMANAGER_QUEUE = waiting.TASKMANAGER_QUEUE
 # Claim an instance for resuming only if nobody touched it since we looked (one node wins).
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -55,42 +51,10 @@ def next_step(record: InstanceRecord) -> str | None:
     return None
 
 
-# Tasks whose id is the request's, not the instance's: their first argument names the instance.
-REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete", RESUME_TASK})
-
-
-def _held(client: redis.Redis) -> set[str]:
-    """The instances of which a taskmanager holds a message, taken and not yet acknowledged."""
-    hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(text(n))["unacked_key"] for n in client.smembers(NODES_KEY))]
-    held = set()
-    for key in hashes:
-        for raw in client.hvals(key):
-            instance_id = _instance_of(raw)
-            if instance_id:
-                held.add(instance_id)
-    return held
-
-
-def _instance_of(raw: Any) -> str | None:
-    """The instance a message in kombu's unacked hash (``[payload, exchange, routing key]``) is for."""
-    try:
-        payload = json.loads(raw)[0]
-        headers = payload["headers"]
-        if headers.get("task") in REQUEST_TASKS:
-            body = payload["body"]
-            if payload.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            args, kwargs, _ = json.loads(body)
-            found = args[0] if args else kwargs.get("instance_id")
-        else:
-            found = str(headers["id"]).partition(".")[0]  # a step's id: <instance>.<step>.<request>
-    except (ValueError, LookupError, TypeError, AttributeError):
-        return None
-    return found if isinstance(found, str) else None
-
-
-def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
+def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
     """Resume every stalled chain; return the ids of the instances resumed.
+
+    ``client``: the Redis of the instance records; ``broker``: where the steps' messages are.
 
     Resuming is a message, `workflows.resume` (RESUME_TASK): the chains are the workflows', so
     the taskmanager only names the instance and the step its record says comes next.
@@ -98,11 +62,11 @@ def reconcile(client: redis.Redis, stall_after_s: float, now: float | None = Non
     now = time.time() if now is None else now
     stalled = cast(list[tuple[Any, float]],
                    client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
-    if not stalled or not waiting.nothing_queued(client):
+    if not stalled or not broker.queue_empty(TASKMANAGER_QUEUE):
         return []
     records = Records(client)
     claim = client.register_script(_CLAIM)
-    held = _held(client)
+    held = broker.held_instances(text(n) for n in client.smembers(NODES_KEY))
     resumed = []
     for raw_id, score in stalled:
         instance_id = text(raw_id)

@@ -7,6 +7,8 @@ from typing import Any
 
 import redis
 
+from berth.brokers import Broker, broker_for
+from berth.keys import guest_key
 from berth.records import Records
 from tasks.celery_app import app
 
@@ -35,6 +37,18 @@ def raw_redis_client() -> redis.Redis:
 def raw_result_client() -> redis.Redis:
     """A client on the result backend's Redis that returns bytes: guests' answers are read with it."""
     return redis.Redis.from_url(app.conf.result_backend, socket_connect_timeout=2.0, health_check_interval=30)
+
+
+@functools.cache
+def broker() -> Broker:
+    """This process's broker, behind the seam (berth/brokers)."""
+    return broker_for(app.conf.broker_url, app.conf.result_backend)
+
+
+def guest_env(instance_id: str, request_id: str) -> dict[str, str]:
+    """What the guest of this instance needs, and nothing more: its broker user and its key."""
+    return {"BERTH_INSTANCE_ID": instance_id, **broker().guest_env(instance_id, request_id),
+            "BERTH_GUEST_KEY": guest_key(instance_id, request_id).text()}
 
 
 def records() -> Records:

@@ -8,10 +8,8 @@ from typing import Any
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from berth.config import UnsafeSettings, ensure_safe
-from berth.redis_server import limit_warnings
-from tasks import credentials
 from tasks.drivers import LocalDriver
-from tasks.runtime import redis_client
+from tasks.runtime import broker
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def refuse_unsafe_settings(sender: Any = None, **_: Any) -> None:
 def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
     """A broker whose default user needs no password isolates nobody: say so at start."""
     try:
-        problem = credentials.isolation_problem(redis_client())
+        problem = broker().isolation_problem()
     except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
         log.warning("could not check whether the broker isolates guests: %s", exc)
         return
@@ -42,7 +40,7 @@ def warn_if_guests_are_not_isolated(sender: Any = None, **_: Any) -> None:
 def warn_about_broker_limits() -> None:
     """A broker without a memory limit, a safe eviction policy or a value limit: say so at start."""
     try:
-        warnings = limit_warnings(redis_client())
+        warnings = broker().limit_warnings()
     except Exception as exc:  # noqa: BLE001 - the broker may be away; the check is advice only
         log.warning("could not check the broker's limits: %s", exc)
         return

@@ -36,17 +36,17 @@ from berth.errors import (
     StillWaiting,
     from_invalid_field,
 )
-from berth.guestapi import check_connection, check_count, check_pong
-from berth.ids import ping_task_id, prepare_task_id, result_key, step_task_id
+from berth.guestapi import check_connection, check_count
+from berth.ids import TASKMANAGER_QUEUE, ping_task_id, prepare_task_id, result_key, step_task_id
 from berth.keys import SealError, is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord, Reason, Status
 from berth.spec import InvalidField, ProvisionRequest, validate_request
 from berth.timing import next_countdown
 from berth.untrusted import Malformed
-from tasks import credentials, heartbeats, queues, secrets, waiting
+from tasks import channel, heartbeats, secrets, waiting
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
-from tasks.runtime import limits, raw_result_client, records, redis_client, result_client, setting
+from tasks.runtime import broker, limits, raw_result_client, records, redis_client, setting
 
 log = logging.getLogger("berth.taskmanager")
 
@@ -125,8 +125,8 @@ def _mark_failed(instance_id: str, reason: Reason, step: str, error: str) -> boo
     secrets.drop(redis_client(), instance_id)
     # Anything queued for the guest, or taken and not yet acknowledged, is stale now:
     # a guest that comes (back) later finds nothing to run.
-    queues.purge(redis_client(), instance_id)
-    queues.forget_unacked(redis_client(), instance_id)
+    broker().purge_guest_queue(instance_id)
+    broker().forget_guest_unacked(instance_id)
     return True
 
 
@@ -244,9 +244,9 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     """
     request_id = request_id or self.request.root_id or self.request.id
     register(validated(instance_id, **fields), request_id)
-    queues.declare(redis_client(), instance_id)
+    broker().declare_guest_queue(instance_id)
     # The guest's own broker user, before anything can boot it: it may touch its own keys only.
-    credentials.mint(instance_id, request_id, redis_client(), result_client())
+    broker().mint_guest(instance_id, request_id)
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
                          queue_created_at=time.time())
     _building(instance_id)
@@ -271,16 +271,11 @@ def boot_guest(self: Task, instance_id: str) -> str:
     return instance_id
 
 
-def _as_pong(instance_id: str, answer: waiting.GuestAnswer | None) -> dict[str, Any] | None:
-    """The answer if it is a pong from this instance's own guest."""
-    return check_pong(answer.result, instance_id) if answer and answer.ok else None
-
-
 def earlier_pong(instance_id: str, ping_id: Callable[[int], str], attempt: int) -> dict[str, Any] | None:
     """The guest's answer to either of the last two pings, if it answered as this instance."""
     for earlier in (attempt - 1, attempt - 2):
         if earlier >= 0:
-            pong = _as_pong(instance_id, waiting.peek(raw_result_client(), ping_id(earlier)))
+            pong = channel.pong_of(instance_id, ping_id(earlier))
             if pong:
                 return pong
     return None
@@ -293,14 +288,9 @@ def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: fl
     A ping lives until the check after next, then expires unread: a guest that comes up
     late answers a fresh ping instead of working through a backlog of stale ones.
     """
-    instance_id = record.instance_id
-    queues.publish(app, redis_client(), instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                   task_id=ping_id, expires=utc_datetime(now + 2 * countdown + 1.0), key=credentials.key_of(record))
-    if not wait:
-        return None
     # Optimistic fast path: a live guest answers in milliseconds.
-    answer = waiting.wait_for_result(raw_result_client(), ping_id, min(setting("ping_reply_wait_s"), countdown))
-    return _as_pong(instance_id, answer)
+    wait_s = min(setting("ping_reply_wait_s"), countdown) if wait else 0.0
+    return channel.ping(record, ping_id, expires=utc_datetime(now + 2 * countdown + 1.0), wait_s=wait_s)
 
 
 def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
@@ -334,7 +324,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
     countdown = ping_countdown(attempt, now, deadline_at)
     # The first ping waits a moment for a live guest's pong, unless other work waits for the slot.
-    wait = attempt == 0 and waiting.nothing_queued(redis_client())
+    wait = attempt == 0 and broker().queue_empty(TASKMANAGER_QUEUE)
     pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=wait)
     records().update(instance_id, ping_attempts=attempt + 1)
     if pong:
@@ -359,11 +349,11 @@ def send_prepare(self: Task, instance_id: str) -> str:
         # Not published yet, or published by a run that died before recording it: a second
         # copy then reaches the guest, whose journal applies it once.
         # The passwords travel sealed with this guest's key: only it can read them.
-        key = credentials.key_of(record)
+        key = channel.key_of(record)
         kwargs = {"instance_id": instance_id, "datastore": record["datastore"],
                   "users": [{"name": n, "password": key.seal(passwords[n])} for n in record["users"]],
                   "databases": record["databases"], "config": record["config"]}
-        queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs, key=key,
+        channel.publish(instance_id, "guest.prepare", kwargs=kwargs, key=key,
                        task_id=prepare_task_id(instance_id, record["request_id"]), expires=utc_datetime(deadline_at))
         records().incr(instance_id, "prepare_sent")
         records().set_once(instance_id, "prepare_sent_at", now)
@@ -387,7 +377,7 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
     deadline_at = float(record["prepare_deadline_at"])
     # A moment's wait for the answer on the first look, unless other work waits for the slot (the
     # taskmanager's listener, tasks/answers.py, sees the answer the moment it comes anyway).
-    wait_s = setting("verify_reply_wait_s") if attempt == 0 and waiting.nothing_queued(redis_client()) else 0.0
+    wait_s = setting("verify_reply_wait_s") if attempt == 0 and broker().queue_empty(TASKMANAGER_QUEUE) else 0.0
     answer = waiting.wait_for_result(raw_result_client(), prepare_task_id(instance_id, record["request_id"]),
                                      min(wait_s, max(0.0, deadline_at - now)))
     if answer is not None and answer.ok:

@@ -6,7 +6,7 @@ stored in between is not missed), then waits for the publish at most ``timeout_s
 is a guest's, so it is read as hostile bytes (`berth.untrusted`): bounded, parsed with limits,
 its strings escaped; garbage is a MALFORMED answer, never an exception.
 Long waits are never done here: the calling task retries with a countdown instead. Short ones
-only when nothing else waits for the slot (`nothing_queued`): under a backlog, a step that
+only when nothing else waits for the slot (`Broker.queue_empty`): under a backlog, a step that
 would wait for a guest retries with a countdown at once and lets the next message in.
 """
 
@@ -19,19 +19,10 @@ from typing import Any
 import redis
 from celery import states
 
-from berth.ids import kombu_lists, result_key
+from berth.ids import result_key
 from berth.untrusted import MAX_ANSWER_BYTES, Malformed, clean, decode_json, one_line, read_bounded
 
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-TASKMANAGER_QUEUE = "taskmanager"
-
-
-def nothing_queued(client: redis.Redis, queue: str = TASKMANAGER_QUEUE) -> bool:
-    """True when no message waits in the queue, at any priority (one round trip)."""
-    with client.pipeline(transaction=False) as pipe:
-        for name in kombu_lists(queue):
-            pipe.llen(name)
-        return not any(pipe.execute())
 
 
 # What a guest stored that is not a Celery result document within the limits (berth.untrusted).

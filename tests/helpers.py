@@ -110,14 +110,13 @@ def guest_identity(instance_id: str) -> tuple[dict[str, str], Any]:
     broker user is minted for a test request, as create_queue would.
     """
     from berth.keys import guest_key
-    from tasks import app, credentials
-    from tasks.runtime import records, redis_client, result_client
+    from tasks.runtime import broker, guest_env, records
 
     record = records().get(instance_id)
     request_id = record["request_id"] if record is not None else f"test-{instance_id}"
     if record is None:
-        credentials.mint(instance_id, request_id, redis_client(), result_client())
-    env = credentials.guest_env(instance_id, request_id, app.conf.broker_url, app.conf.result_backend)
+        broker().mint_guest(instance_id, request_id)
+    env = guest_env(instance_id, request_id)
     return env, guest_key(instance_id, request_id)
 
 
@@ -132,11 +131,10 @@ def send_to_guest(instance_id: str, task: str, name: str, kwargs: dict[str, Any]
     import datetime as dt
 
     from berth.ids import guest_task_prefix
-    from tasks import app, queues
-    from tasks.runtime import redis_client
+    from tasks import channel
 
     when = expires or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)
-    return queues.publish(app, redis_client(), instance_id, task,
+    return channel.publish(instance_id, task,
                           kwargs={"instance_id": instance_id} if kwargs is None else kwargs,
                           task_id=f"{guest_task_prefix(instance_id)}{name}", expires=when,
                           key=guest_identity(instance_id)[1])

@@ -23,10 +23,10 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from berth.brokers.redis import queues
 from berth.ids import binding_keys, deadletter_key, guest_queue, queue_lists, result_key, unacked_keys
 from berth.keys import SIGNATURE_HEADER
 from guest import deadletters
-from tasks import queues
 from tasks.runtime import redis_client, result_client
 from tests.helpers import Proc, guest_identity, send_to_guest, unique_id, wait_until
 

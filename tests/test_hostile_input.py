@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from berth import untrusted
+from berth.brokers.redis import queues
 from berth.errors import GuestError
 from berth.guestapi import check_answer, check_connection
 from berth.ids import deadletter_key, heartbeat_key, queue_lists, record_key, unacked_keys
@@ -34,7 +35,7 @@ from berth.records import Records, Status
 from berth.redis_server import limit_warnings, redis_server_binary
 from devtools.broker import EmbeddedRedis
 from guest import deadletters
-from tasks import answers, guestapi, heartbeats, queues, waiting
+from tasks import answers, guestapi, heartbeats, waiting
 from tests.helpers import Proc, guest_identity, project_env, unique_id, wait_for_status, wait_until, workflows_cli
 from tests.hostile import HostileGuest, keys_naming, pong, prepared, printable, result_document
 from workflows import provision_chain

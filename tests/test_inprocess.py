@@ -37,7 +37,7 @@ def on_worker(task: Any, *args: Any, task_id: str | None = None, **kwargs: Any) 
 
 def test_create_queue_records_the_instance_and_declares_its_queue(
         celery_worker: Any, new_id: Callable[[str], str], records: Records) -> None:
-    from tasks import queues
+    from berth.brokers.redis import queues
     from tasks.taskmanager import create_queue
 
     instance_id = new_id("cq")

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from berth.brokers.redis import queues
 from berth.ids import (
     RECORD_INDEX_KEY,
     binding_keys,
@@ -37,7 +38,7 @@ from berth.ids import (
 from berth.keys import SIGNATURE_HEADER, GuestKey
 from berth.records import Records, Status
 from guest import deadletters
-from tasks import app, queues
+from tasks import app
 from tasks.runtime import redis_client, result_client
 from tests.helpers import Proc, guest_identity, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain

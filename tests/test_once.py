@@ -12,11 +12,12 @@ import pytest
 import redis
 from celery import chain
 
+from berth.brokers.redis import queues
 from berth.errors import InstanceExists, PrepareTimeout, QueueMissing
 from berth.ids import binding_keys, prepare_task_id, step_task_id
 from berth.records import Reason, Records, Status
 from guest import deadletters
-from tasks import app, queues
+from tasks import channel
 from tasks.runtime import redis_client
 from tasks.taskmanager import create_queue, send_prepare, verify
 from tests.helpers import Proc, guest_identity, guest_journal, send_to_guest, wait_for_status, wait_until
@@ -54,7 +55,7 @@ def test_the_same_prepare_delivered_twice_is_applied_once(new_id: Callable[[str]
     prepare_id = prepare_task_id(instance_id, record["request_id"])
     kwargs = {"instance_id": instance_id, "datastore": "noop", "users": [], "databases": [], "config": {}}
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
-    queues.publish(app, redis_client(), instance_id, "guest.prepare", kwargs=kwargs, task_id=prepare_id,
+    channel.publish(instance_id, "guest.prepare", kwargs=kwargs, task_id=prepare_id,
                    expires=expires, key=guest_identity(instance_id)[1])
     wait_until(lambda: deadletters.read(redis_client(), instance_id), 30, message="second copy refused")
     [entry] = deadletters.read(redis_client(), instance_id)

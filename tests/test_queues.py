@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from berth.brokers.redis import queues
 from berth.errors import QueueMissing
 from berth.ids import binding_keys, queue_lists
 from guest import deadletters
-from tasks import app, queues
+from tasks import app, channel
 from tasks.runtime import redis_client
 from tests.helpers import send_to_guest, wait_until
 
@@ -38,7 +39,7 @@ def test_declare_writes_what_kombus_own_declare_writes_and_again_after_a_delete(
     ours, kombus = new_id("qo"), new_id("qk")
     queues.declare(redis_client(), ours)
     with app.connection_for_write() as conn:
-        queues.queue_for(kombus)(conn.default_channel).declare()
+        channel.queue_for(kombus)(conn.default_channel).declare()
     client = redis_client()
 
     def shape(instance_id: str) -> set[str]:

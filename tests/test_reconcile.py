@@ -22,11 +22,27 @@ from typing import Any
 import pytest
 import redis
 
-from berth.ids import INFLIGHT_KEY, NODES_KEY, kombu_lists, node_unacked_keys, record_key, step_task_id
-from tasks.reconcile import TASKMANAGER_QUEUE, reconcile
+from berth.brokers import RedisBroker
+from berth.ids import (
+    INFLIGHT_KEY,
+    NODES_KEY,
+    TASKMANAGER_QUEUE,
+    kombu_lists,
+    node_unacked_keys,
+    record_key,
+    step_task_id,
+)
+from tasks.reconcile import reconcile
 from tests.helpers import unique_id
 
 STALL_S = 30.0
+
+
+def resumed(client: redis.Redis) -> list[str]:
+    """What the reconciler resumes on the test's private broker, LATER seconds from now."""
+    kwargs = client.connection_pool.connection_kwargs
+    url = f"redis://:{kwargs['password']}@{kwargs['host']}:{kwargs['port']}/{kwargs.get('db') or 0}"
+    return reconcile(RedisBroker(url, url), client, STALL_S, now=time.time() + LATER)
 LATER = 1000.0  # seconds ahead: the instance is stalled
 
 
@@ -58,9 +74,9 @@ def building(broker: redis.Redis) -> Iterator[str]:
 def test_a_step_queued_at_the_steps_priority_is_not_resumed(broker: redis.Redis, building: str) -> None:
     step_list = kombu_lists(TASKMANAGER_QUEUE)[2]  # the steps' priority (6)
     broker.rpush(step_list, message("someone-else.boot_guest.x"))
-    assert reconcile(broker, STALL_S, now=time.time() + LATER) == [], "a busy queue may hold its step"
+    assert resumed(broker) == [], "a busy queue may hold its step"
     broker.delete(step_list)
-    assert reconcile(broker, STALL_S, now=time.time() + LATER) == [building]
+    assert resumed(broker) == [building]
 
 
 def test_a_step_held_by_a_taskmanager_is_not_resumed_and_a_lost_one_is(broker: redis.Redis, building: str) -> None:
@@ -71,11 +87,11 @@ def test_a_step_held_by_a_taskmanager_is_not_resumed_and_a_lost_one_is(broker: r
     client.sadd(NODES_KEY, node)
     client.hset(held, "tag-1", message(task_id))
     try:
-        assert reconcile(client, STALL_S, now=time.time() + LATER) == [], "held by a node: slow, not lost"
+        assert resumed(client) == [], "held by a node: slow, not lost"
     finally:
         client.delete(held)
         client.srem(NODES_KEY, node)
-    assert reconcile(client, STALL_S, now=time.time() + LATER) == [building], "held nowhere: lost"
+    assert resumed(client) == [building], "held nowhere: lost"
 
 
 def test_a_request_held_by_a_taskmanager_is_not_resumed(broker: redis.Redis, building: str) -> None:
@@ -84,4 +100,4 @@ def test_a_request_held_by_a_taskmanager_is_not_resumed(broker: redis.Redis, bui
     held = node_unacked_keys(node)["unacked_key"]
     broker.sadd(NODES_KEY, node)
     broker.hset(held, "tag-1", message("0f9c2d4e-request", "workflows.provision", [building]))
-    assert reconcile(broker, STALL_S, now=time.time() + LATER) == []
+    assert resumed(broker) == []

@@ -14,7 +14,6 @@ import json
 import shlex
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +33,8 @@ from berth.errors import (
     InvalidRequest,
     QueueMissing,
 )
-from berth.guestapi import OPERATIONS, check_pong
-from berth.ids import INSTANCE_ID_FORMAT, guest_task_prefix
+from berth.guestapi import OPERATIONS
+from berth.ids import INSTANCE_ID_FORMAT, fresh_guest_task_id
 from berth.keys import KeyProblem, check_master_key
 from berth.records import FINAL, SERVING, InstanceRecord, Status
 from berth.redis_server import redis_cli_command
@@ -43,8 +42,10 @@ from berth.spec import InvalidField, check_instance_id
 from berth.untrusted import escape
 from guest import deadletters
 from guest.launch import agent_command
-from tasks import app, credentials, guestapi, heartbeats, queues, waiting
-from tasks.runtime import raw_redis_client, raw_result_client, records, setting
+from tasks import channel, guestapi, heartbeats
+from tasks.celery_app import app
+from tasks.channel import in_seconds
+from tasks.runtime import guest_env, raw_redis_client, records, setting
 from tasks.taskmanager import validated
 from workflows import submit, submit_delete
 
@@ -444,20 +445,15 @@ def cmd_ping(args: argparse.Namespace) -> int:
     record = _existing(args.instance_id)
     instance_id = record.instance_id
     started = time.monotonic()
-    ping_id = f"{guest_task_prefix(instance_id)}cliping.{uuid.uuid4().hex[:12]}"
+    ping_id = fresh_guest_task_id(instance_id, "cliping")
     try:
-        queues.publish(app, records().client, instance_id, "guest.ping", kwargs={"instance_id": instance_id},
-                       task_id=ping_id, expires=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.timeout),
-                       key=credentials.key_of(record))
+        pong = channel.ping(record, ping_id, expires=in_seconds(args.timeout), wait_s=args.timeout)
     except QueueMissing as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
     except (OperationalError, redis.RedisError) as exc:
         raise CliError(f"could not send the ping to guest.{instance_id}: {exc}", EXIT_FAILED) from exc
-    answer = waiting.wait_for_result(raw_result_client(), ping_id, args.timeout)
-    pong = check_pong(answer.result, instance_id) if answer is not None and answer.ok else None
     if pong is None:
-        why = "did not answer" if answer is None else f"answered no pong ({answer.error()})"
-        raise CliError(f"guest of {instance_id} {why} within {args.timeout:g} s", EXIT_FAILED)
+        raise CliError(f"guest of {instance_id} did not answer with a pong within {args.timeout:g} s", EXIT_FAILED)
     print(json.dumps({**pong, "round_trip_ms": round((time.monotonic() - started) * 1000, 1)}))
     return EXIT_OK
 
@@ -475,7 +471,7 @@ def cmd_guest_env(args: argparse.Namespace) -> int:
     if record.status in (Status.DELETING, Status.DELETED):
         raise CliError(f"instance {instance_id} is {record.status.value}: its guest's credentials are revoked",
                        EXIT_FAILED)
-    env = credentials.guest_env(instance_id, record["request_id"], app.conf.broker_url, app.conf.result_backend)
+    env = guest_env(instance_id, record["request_id"])
     if args.json:
         print(json.dumps(env, indent=2, sort_keys=True))
         return EXIT_OK

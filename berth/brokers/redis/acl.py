@@ -1,4 +1,4 @@
-"""Per-guest broker credentials: one Redis ACL user per instance, allowed only its own keys.
+"""Guests' Redis users: one ACL user per instance, allowed only its own keys.
 
 create_queue mints the user (`mint`); delete revokes it (`revoke`). The password is derived from
 the master key (`berth.keys.acl_password`), so it is stored nowhere and a restarted taskmanager
@@ -29,22 +29,21 @@ the control plane reads from those keys it reads as hostile bytes (`berth.untrus
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 
 from berth.ids import (
-    RECORD_INDEX_KEY,
     RESULT_KEY_PREFIX,
     deadletter_key,
     guest_task_prefix,
     heartbeat_key,
     queue_lists,
-    record_key,
     unacked_keys,
 )
-from berth.keys import GuestKey, acl_password, guest_key
+from berth.keys import acl_password
 
 log = logging.getLogger("berth.credentials")
 
@@ -154,31 +153,17 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
     return found
 
 
-# Instances whose guest holds a user: minted by create_queue, revoked by delete (while DELETING).
-HOLDS_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
-
-
-def restore_missing(client: redis.Redis, server: redis.Redis | None = None, *others: redis.Redis) -> list[str]:
-    """Mint again, on ``server`` (the broker, by default), the users of live instances it lacks; their ids.
+def restore_missing(server: redis.Redis, live: Iterable[tuple[str, str]], databases: tuple[int, ...]) -> list[str]:
+    """Mint again, on ``server``, the users of ``live`` guests (instance id, request id) it lacks; their ids.
 
     Guests' users are not saved in an ACL file (`mint`), so a restarted broker, or a restarted
     result backend when it is another server, has none. The passwords are derived, so the same
-    users come back and the guests reconnect as before. Run by each taskmanager node, for each
-    server, at start and whenever that server restarted (a new run id) or failed. The instance
-    records are read from ``client``, the broker; ``others`` are the other clients of the
-    control plane (the result backend's), whose databases on ``server`` guests may select too.
+    users come back and the guests reconnect as before.
     """
-    server = client if server is None else server
-    databases = databases_on(server, client, *others)
     users = {_text(u) for u in server.execute_command("ACL", "USERS")}
     restored = []
-    for raw in client.zrange(RECORD_INDEX_KEY, 0, -1):
-        instance_id = _text(raw)
-        if user_name(instance_id) in users:
-            continue
-        status, request_id = client.hmget(record_key(instance_id), ["status", "request_id"])
-        status, request_id = _text(status), _text(request_id)
-        if status in HOLDS_USER and request_id:
+    for instance_id, request_id in live:
+        if user_name(instance_id) not in users:
             _mint_on(server, instance_id, request_id, databases)
             restored.append(instance_id)
     if restored:
@@ -192,11 +177,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
-def key_of(record: Any) -> GuestKey:
-    """The key of the guest an instance record's provisioning request booted."""
-    return guest_key(record.instance_id, record["request_id"])
-
-
 def url_for(url: str, instance_id: str, request_id: str) -> str:
     """``url`` with the guest's user and password instead of the admin's (in the URL or its query)."""
     parts = urlsplit(url)
@@ -206,13 +186,11 @@ def url_for(url: str, instance_id: str, request_id: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def guest_env(instance_id: str, request_id: str, broker_url: str, result_backend: str) -> dict[str, str]:
-    """What the guest of this instance needs, and nothing more: its broker user and its key."""
+def guest_urls(instance_id: str, request_id: str, broker_url: str, result_backend: str) -> dict[str, str]:
+    """The broker and result backend URLs of the guest's own user."""
     return {
-        "BERTH_INSTANCE_ID": instance_id,
         "CELERY_BROKER_URL": url_for(broker_url, instance_id, request_id),
         "CELERY_RESULT_BACKEND": url_for(result_backend, instance_id, request_id),
-        "BERTH_GUEST_KEY": guest_key(instance_id, request_id).text(),
     }
 
 

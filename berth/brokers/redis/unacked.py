@@ -12,9 +12,11 @@ when the consumer (re)connects, not an hour later.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import redis
@@ -22,6 +24,8 @@ from celery import Celery, bootsteps
 from celery.worker import state
 from kombu.transport import redis as redis_transport
 from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
+
+from berth.ids import REQUEST_TASKS, node_unacked_keys
 
 log = logging.getLogger("berth.unacked")
 SHARED_UNACKED_KEY = "unacked"
@@ -167,3 +171,33 @@ class RestoreOwnUnacked(bootsteps.StartStopStep):
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+
+
+def held_instances(client: redis.Redis, nodes: Iterable[str]) -> set[str]:
+    """The instances of which a taskmanager node holds a message, taken and not yet acknowledged."""
+    hashes = [SHARED_UNACKED_KEY, *(node_unacked_keys(node)["unacked_key"] for node in nodes)]
+    held = set()
+    for key in hashes:
+        for raw in client.hvals(key):
+            instance_id = _instance_of(raw)
+            if instance_id:
+                held.add(instance_id)
+    return held
+
+
+def _instance_of(raw: Any) -> str | None:
+    """The instance a message in kombu's unacked hash (``[payload, exchange, routing key]``) is for."""
+    try:
+        payload = json.loads(raw)[0]
+        headers = payload["headers"]
+        if headers.get("task") in REQUEST_TASKS:
+            body = payload["body"]
+            if payload.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args, kwargs, _ = json.loads(body)
+            found = args[0] if args else kwargs.get("instance_id")
+        else:
+            found = str(headers["id"]).partition(".")[0]  # a step's id: <instance>.<step>.<request>
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None

@@ -1,42 +1,25 @@
-"""Guest queues: declared by the taskmanager before anything is sent, then published to.
+"""Guest queues on Redis, as kombu's Redis transport keeps them: declared, checked, purged, removed.
 
 On Redis a queue is a list per priority step plus kombu's binding sets; `declare` writes the
-binding (the list appears with the first message), `exists` reads it back, and `publish`
-refuses to send to a queue that was never declared rather than let the broker invent one.
+binding (the list appears with the first message), `exists` reads it back.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
 import redis
-from celery import Celery
-from celery.result import AsyncResult
-from kombu.entity import Exchange, Queue
 
-from berth.errors import QueueMissing
 from berth.ids import (
     RESULT_KEY_PREFIX,
     binding_keys,
     binding_member,
     deadletter_key,
-    guest_queue,
-    guest_task_prefix,
     heartbeat_key,
+    kombu_lists,
     queue_lists,
     result_key,
     secrets_key,
     unacked_keys,
 )
-from berth.keys import GuestKey
-from tasks.masking import signing_for
-
-
-def queue_for(instance_id: str, *, no_declare: bool = False) -> Queue:
-    name = guest_queue(instance_id)
-    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
-                 durable=True, no_declare=no_declare)
 
 
 def declare(client: redis.Redis, instance_id: str) -> None:
@@ -129,38 +112,9 @@ def remove_instance_keys(broker: redis.Redis, results: redis.Redis, instance_id:
     return removed
 
 
-def publish(
-    app: Celery,
-    client: redis.Redis,
-    instance_id: str,
-    task_name: str,
-    *,
-    kwargs: dict[str, Any],
-    task_id: str,
-    expires: dt.datetime,
-    key: GuestKey,
-    kwargsrepr: str | None = None,
-) -> AsyncResult:
-    """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry,
-    signed with the guest's key (the guest refuses anything else)."""
-    if not exists(client, instance_id):
-        raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
-    if not task_id.startswith(guest_task_prefix(instance_id)):
-        raise ValueError(f"task id {task_id!r} does not start with {guest_task_prefix(instance_id)!r}")
-    with signing_for(instance_id, key):
-        return _send(app, task_name, kwargs, task_id, instance_id, expires, kwargsrepr)
-
-
-def _send(app: Celery, task_name: str, kwargs: dict[str, Any], task_id: str, instance_id: str,
-          expires: dt.datetime, kwargsrepr: str | None) -> AsyncResult:
-    return app.send_task(
-        task_name,
-        kwargs=kwargs,
-        task_id=task_id,
-        queue=queue_for(instance_id, no_declare=True),
-        # The queue exists (checked above); declaring again would re-create a deleted one.
-        declare=[],
-        expires=expires,
-        kwargsrepr=kwargsrepr,
-        delivery_mode=2,
-    )
+def nothing_queued(client: redis.Redis, queue: str) -> bool:
+    """True when no message waits in the queue, at any priority (one round trip)."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in kombu_lists(queue):
+            pipe.llen(name)
+        return not any(pipe.execute())
