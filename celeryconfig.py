@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from berth.guestapi import OPERATIONS
+from berth.ids import STEPS, step_task_name
 from berth.paths import broker_url_file
 
 
@@ -73,11 +75,8 @@ GUEST_API_QUEUE = "guestapi"
 # (`celery call taskmanager.<step>`) is routed here too.
 STEP_PRIORITY = 6
 task_routes = {
-    **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in (
-        "get_status", "restart", "list_databases", "create_database", "delete_database",
-        "list_users", "create_user", "delete_user")},
-    **{f"taskmanager.{step}": {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in (
-        "create_queue", "boot_guest", "ping_guest", "send_prepare", "verify", "shutdown_guest", "remove_instance")},
+    **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in OPERATIONS},
+    **{step_task_name(step): {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in STEPS},
 }
 task_acks_late = True
 task_reject_on_worker_lost = True

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from berth.errors import UnsafeSettings
+
 REDIS_SCHEMES = ("redis", "rediss")
 # A prepare must be long finished before Redis hands its message to another consumer.
 VISIBILITY_MARGIN_S = 60.0
@@ -92,12 +94,6 @@ def _timing_problems(conf: Mapping[str, Any]) -> list[str]:
 def check_settings(conf: Mapping[str, Any]) -> list[str]:
     """Every problem with this combination of settings (empty when it is safe)."""
     return _backend_problems(conf) + _visibility_problems(conf) + _timing_problems(conf)
-
-
-class UnsafeSettings(ValueError):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("unsafe settings:\n  - " + "\n  - ".join(problems))
-        self.problems = problems
 
 
 def ensure_safe(conf: Mapping[str, Any]) -> None:

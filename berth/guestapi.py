@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from berth.spec import InvalidField, check_database_name, check_databases, check_password, check_user_name
-from berth.untrusted import Malformed, one_line
+from berth.errors import InvalidField, Malformed, UnknownOperation
+from berth.spec import check_database_name, check_databases, check_password, check_user_name
+from berth.untrusted import one_line
 
 
 @dataclass(frozen=True)
@@ -23,27 +24,27 @@ class Operation:
     # Changes the datastore: applied once per message, whatever redeliveries (guest/api.py).
     changes: bool
     summary: str
+    # Its command in `python -m workflows` (its required arguments but the password are positional).
+    command: str
     # The shape of the guest's answer: a JSON object, or a list of strings or of objects.
     answer: type = dict
     items: type | None = None
 
 
 OPERATIONS = {op.name: op for op in (
-    Operation("get_status", (), (), False, "the agent's version and the datastore's status"),
-    Operation("restart", (), (), True, "stop the datastore if it runs, start it again"),
+    Operation("get_status", (), (), False, "the agent's version and the datastore's status", "status"),
+    Operation("restart", (), (), True, "stop the datastore if it runs, start it again", "restart"),
     Operation("list_databases", (), (), False, "the datastore's databases (redis: key namespaces DB:*)",
-              list, str),
-    Operation("create_database", ("name",), (), True, "add a database"),
-    Operation("delete_database", ("name",), (), True, "remove a database, its keys and every user's access to it"),
-    Operation("list_users", (), (), False, "the datastore's users and the databases each may use", list, dict),
+              "databases", list, str),
+    Operation("create_database", ("name",), (), True, "add a database", "create-database"),
+    Operation("delete_database", ("name",), (), True, "remove a database, its keys and every user's access to it",
+              "delete-database"),
+    Operation("list_users", (), (), False, "the datastore's users and the databases each may use", "users",
+              list, dict),
     Operation("create_user", ("name", "password"), ("databases",), True,
-              "add a user allowed the given databases (default: all)"),
-    Operation("delete_user", ("name",), (), True, "remove a user"),
+              "add a user allowed the given databases (default: all)", "create-user"),
+    Operation("delete_user", ("name",), (), True, "remove a user", "delete-user"),
 )}
-
-
-class UnknownOperation(ValueError):
-    pass
 
 
 def operation(name: object) -> Operation:

@@ -53,6 +53,18 @@ def binding_member(instance_id: str) -> str:
     return KOMBU_SEP.join([name, "", name])
 
 
+# The steps of the provisioning chain and of the delete chain, in order: each is the task
+# ``taskmanager.<step>``. Routes, metrics, the reconciler and the chains are derived from these.
+PROVISION_STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
+DELETE_STEPS = ("shutdown_guest", "remove_instance")
+STEPS = PROVISION_STEPS + DELETE_STEPS
+
+
+def step_task_name(step: str) -> str:
+    """The Celery task of a chain step."""
+    return f"taskmanager.{step}"
+
+
 def task_id(instance_id: str, step: str) -> str:
     """A deterministic task id, prefixed with the instance id."""
     return f"{instance_id}.{step}"
@@ -163,3 +175,9 @@ RESUME_TASK = "workflows.resume"
 REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete", RESUME_TASK})
 # The control plane's own queue (celeryconfig's task_default_queue).
 TASKMANAGER_QUEUE = "taskmanager"
+# Guests whose heartbeats are watched, scored by when each was last heard from (tasks/heartbeats.py).
+HEARTBEAT_INDEX_KEY = "berth:heartbeat-index"
+# The fingerprint of the control plane's master key (berth/keys.py): another key is refused.
+FINGERPRINT_KEY = "berth:master-key-fingerprint"
+# kombu's Redis transport's shared unacked hash (consumers that keep none of their own).
+SHARED_UNACKED_KEY = "unacked"

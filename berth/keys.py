@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from berth.errors import KeyProblem, SealError
+from berth.ids import FINGERPRINT_KEY
 from berth.paths import berth_home, create_once
 
 if TYPE_CHECKING:
@@ -44,14 +46,6 @@ SIGNATURE_VERSION = "v1"
 SIGNED_HEADERS = ("task", "id", "shadow", "eta", "expires", "group", "group_index", "retries", "timelimit",
                   "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
                   "replaced_task_nesting", "stamped_headers", "stamps")
-
-
-class KeyProblem(RuntimeError):
-    """A key is missing or malformed."""
-
-
-class SealError(ValueError):
-    """A sealed value is malformed, or was not sealed with this key."""
 
 
 def b64(raw: bytes) -> str:
@@ -93,7 +87,6 @@ def _load_or_create(path_text: str) -> bytes:
     return _parse_key(create_once(Path(path_text), b64(os.urandom(KEY_BYTES)) + "\n"), path_text)
 
 
-FINGERPRINT_KEY = "berth:master-key-fingerprint"
 
 
 def fingerprint() -> str:

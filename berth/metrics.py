@@ -38,7 +38,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, record_key
+from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, STEPS, TRANSITIONS_KEY, record_key
 from berth.logs import structured
 from berth.records import Records, Status
 
@@ -47,60 +47,10 @@ log = logging.getLogger("berth.metrics")
 # Seconds. ping_guest waits for a booting guest (up to its deadline), hence the long tail.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
 BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS)
-# The steps of the provisioning chain and of the delete chain: exported even before their first
-# observation (a zero histogram), so that dashboards and alerts find every series.
-STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify", "shutdown_guest", "remove_instance")
+# Every step of berth.ids.STEPS is exported even before its first observation (a zero
+# histogram), so that dashboards and alerts find every series.
 # How many instance statuses are read in one pipelined round trip at scrape time.
 SCRAPE_CHUNK = 2000
-
-# Whether a task is a step of the instance's own chains: its id is ``<id>.<step>.<tag>``, the tag
-# being the first 12 hex digits of the SHA-1 of the provisioning or delete request id
-# (`berth.ids.step_task_id`). A stray call of a step from a shell records nothing.
-_OWN = """
-local function own(record, instance_id, step, task_id)
-  for _, field in ipairs({'request_id', 'delete_request_id'}) do
-    local rid = redis.call('HGET', record, field)
-    if rid and instance_id .. '.' .. step .. '.' .. string.sub(redis.sha1hex(rid), 1, 12) == task_id then
-      return true
-    end
-  end
-  return false
-end
-"""
-# KEYS[1] the record, KEYS[2] the in-flight index. ARGV: instance id, step, task id, now, '1' to
-# note in the index that the instance's chain ran a step now (for the reconciler). Keeps the
-# time of the step's first run in ``<step>_started_at``; 1 for an own step, else 0.
-_START = _OWN + """
-if ARGV[5] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
-if not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('HSETNX', KEYS[1], ARGV[2] .. '_started_at', ARGV[4])
-return 1
-"""
-# KEYS[1] the record, KEYS[2] the histogram. ARGV: instance id, step, task id, now, the field to
-# fall back on when the start was not recorded ('' for none), the number of buckets N, their N
-# upper bounds, their N labels. The first success of an own step marks ``<step>_finished_at``,
-# adds its duration to the histogram (buckets, sum and count at once) and returns it as a
-# string; any later one, a stray call or a record that is gone returns false.
-_FINISH = _OWN + """
-if redis.call('EXISTS', KEYS[1]) == 0 or not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
-if redis.call('HSETNX', KEYS[1], ARGV[2] .. '_finished_at', ARGV[4]) == 0 then return false end
-local started = redis.call('HGET', KEYS[1], ARGV[2] .. '_started_at')
-if not started and ARGV[5] ~= '' then started = redis.call('HGET', KEYS[1], ARGV[5]) end
-if not started then return false end
-local duration = math.max(0, tonumber(ARGV[4]) - tonumber(started))
-local n = tonumber(ARGV[6])
-for i = 1, n do
-  local label = ARGV[6 + n + i]
-  if label == '+Inf' or duration <= tonumber(ARGV[6 + i]) then
-    redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|' .. label, 1)
-  end
-end
-local text = string.format('%.6f', duration)
-redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2] .. '|sum', text)
-redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|count', 1)
-return text
-"""
-
 
 # --- Recording (taskmanager processes) ----------------------------------------------------------
 
@@ -118,10 +68,7 @@ def step_started(records: Records, instance_id: str, step: str, task_id: str, no
     With ``ran``, also notes that the instance's chain ran a step now (`Records.step_ran`), in the
     same round trip.
     """
-    now = time.time() if now is None else now
-    start = records.client.register_script(_START)
-    return bool(start(keys=[record_key(instance_id), INFLIGHT_KEY],
-                      args=[instance_id, step, task_id, repr(now), "1" if ran else ""]))
+    return records.mark_step_started(instance_id, step, task_id, time.time() if now is None else now, ran=ran)
 
 
 def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, retries: int = 0,
@@ -132,14 +79,10 @@ def step_succeeded(records: Records, instance_id: str, step: str, task_id: str, 
     step (a redelivery, a second delete request) observes nothing and returns None, as does a
     stray call. One round trip: the check, the mark and the histogram are one Lua call.
     """
-    now = time.time() if now is None else now
-    fallback = "created_at" if step == "create_queue" else ""
-    finish = records.client.register_script(_FINISH)
-    found = finish(keys=[record_key(instance_id), STEP_HISTOGRAM_KEY],
-                   args=[instance_id, step, task_id, repr(now), fallback, len(BUCKETS), *_BOUNDS, *BUCKET_LABELS])
-    if found is None or found in ("", b""):
+    duration_s = records.mark_step_succeeded(instance_id, step, task_id, time.time() if now is None else now,
+                                             _BOUNDS, BUCKET_LABELS)
+    if duration_s is None:
         return None
-    duration_s = float(found)
     log.info("%s", structured(f"instance {instance_id}: {step} done in {duration_s:.3f} s (retries={retries})",
                               event="step", instance_id=instance_id, step=step,
                               duration_s=round(duration_s, 4), retries=retries))

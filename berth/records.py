@@ -18,7 +18,15 @@ from typing import Any
 import redis
 
 from berth.errors import InstanceExists, RequestFinished
-from berth.ids import INFLIGHT_KEY, RECORD_INDEX_KEY, TRANSITIONS_KEY, finished_request_key, record_key
+from berth.ids import (
+    HEARTBEAT_INDEX_KEY,
+    INFLIGHT_KEY,
+    RECORD_INDEX_KEY,
+    STEP_HISTOGRAM_KEY,
+    TRANSITIONS_KEY,
+    finished_request_key,
+    record_key,
+)
 from berth.logs import transition_line
 from berth.spec import ProvisionRequest
 
@@ -51,6 +59,8 @@ class Reason(StrEnum):
 FINAL = frozenset({Status.ACTIVE, Status.FAILED, Status.DELETED, Status.SHUTDOWN, Status.UNKNOWN})
 # A provisioned instance: its guest heartbeats and answers the guest API.
 SERVING = frozenset({Status.ACTIVE, Status.SHUTDOWN, Status.UNKNOWN})
+# A delete may start from these; the provisioning chain of a NEW or BUILD one stops at its next step.
+DELETABLE = frozenset({Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED, Status.SHUTDOWN, Status.UNKNOWN})
 # Instances whose guest holds a broker user: minted by create_queue, revoked by delete.
 HOLDS_BROKER_USER = frozenset({"BUILD", "ACTIVE", "FAILED", "SHUTDOWN", "UNKNOWN"})
 JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
@@ -75,6 +85,99 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_changed_at', ARGV[2])
 for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.pcall('HINCRBY', KEYS[2], cur .. '|' .. ARGV[1], 1)
 return {1, cur, since}
+"""
+
+
+# Whether a task is a step of the instance's own chains: its id is ``<id>.<step>.<tag>``, the tag
+# being the first 12 hex digits of the SHA-1 of the provisioning or delete request id
+# (`berth.ids.step_task_id`). A stray call of a step from a shell records nothing.
+_OWN = """
+local function own(record, instance_id, step, task_id)
+  for _, field in ipairs({'request_id', 'delete_request_id'}) do
+    local rid = redis.call('HGET', record, field)
+    if rid and instance_id .. '.' .. step .. '.' .. string.sub(redis.sha1hex(rid), 1, 12) == task_id then
+      return true
+    end
+  end
+  return false
+end
+"""
+# KEYS[1] the record, KEYS[2] the in-flight index. ARGV: instance id, step, task id, now, '1' to
+# note in the index that the instance's chain ran a step now (for the reconciler). Keeps the
+# time of the step's first run in ``<step>_started_at``; 1 for an own step, else 0.
+_START = _OWN + """
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
+if not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[2] .. '_started_at', ARGV[4])
+return 1
+"""
+# KEYS[1] the record, KEYS[2] the histogram. ARGV: instance id, step, task id, now, the field to
+# fall back on when the start was not recorded ('' for none), the number of buckets N, their N
+# upper bounds, their N labels. The first success of an own step marks ``<step>_finished_at``,
+# adds its duration to the histogram (buckets, sum and count at once) and returns it as a
+# string; any later one, a stray call or a record that is gone returns false.
+_FINISH = _OWN + """
+if redis.call('EXISTS', KEYS[1]) == 0 or not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
+if redis.call('HSETNX', KEYS[1], ARGV[2] .. '_finished_at', ARGV[4]) == 0 then return false end
+local started = redis.call('HGET', KEYS[1], ARGV[2] .. '_started_at')
+if not started and ARGV[5] ~= '' then started = redis.call('HGET', KEYS[1], ARGV[5]) end
+if not started then return false end
+local duration = math.max(0, tonumber(ARGV[4]) - tonumber(started))
+local n = tonumber(ARGV[6])
+for i = 1, n do
+  local label = ARGV[6 + n + i]
+  if label == '+Inf' or duration <= tonumber(ARGV[6 + i]) then
+    redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|' .. label, 1)
+  end
+end
+local text = string.format('%.6f', duration)
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2] .. '|sum', text)
+redis.call('HINCRBY', KEYS[2], ARGV[2] .. '|count', 1)
+return text
+"""
+
+
+# KEYS: record, index. ARGV: instance id, seq, datastore status. Times are the broker's (TIME), so
+# taskmanagers whose clocks differ agree on every heartbeat's age.
+# Returns {outcome, old status, previous status_changed_at, now}.
+_APPLY = """
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'not_serving', st or '', '', now}
+end
+local last = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_seq') or '-1')
+if tonumber(ARGV[2]) <= last then return {'out_of_order', st, '', now} end
+redis.call('HSET', KEYS[1], 'heartbeat_seq', ARGV[2], 'last_heartbeat_at', now, 'heartbeat_datastore', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'heartbeats', 1)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+local new = 'SHUTDOWN'
+if ARGV[3] == 'running' then new = 'ACTIVE' end
+if new == st then return {'applied', st, '', now} end
+local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
+redis.call('HSET', KEYS[1], 'status', new, 'status_changed_at', now, 'updated_at', now)
+return {'changed', st, since, now}
+"""
+
+# KEYS: record, index. ARGV: instance id, expiry. Returns {outcome, old status, since, last heard, now}.
+_EXPIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'not_serving', st or '', '', '', ''}
+end
+local heard = redis.call('HGET', KEYS[1], 'last_heartbeat_at') or redis.call('HGET', KEYS[1], 'active_at') or '0'
+local stamp = string.format('%.6f', now)
+if st == 'UNKNOWN' or now - tonumber(heard) < tonumber(ARGV[2]) then
+  return {'unchanged', st, '', heard, stamp}
+end
+local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
+redis.call('HSET', KEYS[1], 'status', 'UNKNOWN', 'status_changed_at', stamp, 'updated_at', stamp)
+return {'changed', st, since, heard, stamp}
 """
 
 
@@ -225,6 +328,36 @@ class Records:
             pipe.hmget(key, list(fields))
             stored = pipe.execute()[-1]
         return {name: _decode(name, raw) for name, raw in zip(fields, stored, strict=True)}
+
+    def mark_step_started(self, instance_id: str, step: str, task_id: str, now: float, *, ran: bool) -> bool:
+        """Keep ``<step>_started_at`` (the first run's time) for a step of the instance's own chain;
+        with ``ran``, note in the in-flight index that its chain ran a step now. False for a stray
+        call or a record not made yet (metrics.step_started says more)."""
+        start = self.client.register_script(_START)
+        return bool(start(keys=[record_key(instance_id), INFLIGHT_KEY],
+                          args=[instance_id, step, task_id, repr(now), "1" if ran else ""]))
+
+    def mark_step_succeeded(self, instance_id: str, step: str, task_id: str, now: float, bounds: list[str],
+                            labels: tuple[str, ...]) -> float | None:
+        """Mark ``<step>_finished_at`` at the first success of an own step and add its duration to the
+        histogram (buckets ``bounds``/``labels``), in one call; the duration, or None (metrics.step_succeeded)."""
+        fallback = "created_at" if step == "create_queue" else ""
+        finish = self.client.register_script(_FINISH)
+        found = finish(keys=[record_key(instance_id), STEP_HISTOGRAM_KEY],
+                       args=[instance_id, step, task_id, repr(now), fallback, len(labels), *bounds, *labels])
+        return None if found is None or found in ("", b"") else float(found)
+
+    def apply_heartbeat(self, instance_id: str, seq: int, datastore_status: str) -> tuple[str, ...]:
+        """Apply one checked heartbeat (tasks/heartbeats.py): (outcome, old status, since, now)."""
+        apply = self.client.register_script(_APPLY)
+        return tuple(text(v) for v in apply(keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY],
+                                            args=[instance_id, seq, datastore_status]))
+
+    def expire_silent(self, instance_id: str, expiry_s: float) -> tuple[str, ...]:
+        """UNKNOWN if not heard from for ``expiry_s``: (outcome, old status, since, last heard, now)."""
+        expire = self.client.register_script(_EXPIRE)
+        return tuple(text(v) for v in expire(keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY],
+                                             args=[instance_id, expiry_s]))
 
     def live_guests(self) -> list[tuple[str, str]]:
         """(instance id, request id) of every instance whose guest holds broker credentials:

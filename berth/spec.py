@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from berth.errors import InvalidField
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
 
 DATASTORES: dict[str, frozenset[str]] = {
@@ -35,18 +36,6 @@ MAX_FAIL_MESSAGE = 200
 # this, before any field is looked at: a valid one is a few KiB at most.
 MAX_REQUEST_BYTES = 16384
 RESERVED_USER_NAMES = frozenset({"default", "berth-admin"})
-
-
-class InvalidField(ValueError):
-    """A request field that is missing, malformed or out of range."""
-
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(field_name, problem)
-        self.field = field_name
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.problem}"
 
 
 @dataclass(frozen=True)

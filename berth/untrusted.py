@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from berth.errors import Malformed
+
 # The largest result a guest may store and have read (a ping, prepare's answer, a guest-API
 # answer such as list_users), in bytes of its Celery result document.
 MAX_ANSWER_BYTES = 256 * 1024
@@ -37,10 +39,6 @@ MAX_DEPTH = 16
 MAX_LINE_CHARS = 300
 # One complaint per guest and kind in this many seconds; the rest are counted, not logged.
 WARN_EVERY_S = 60.0
-
-
-class Malformed(ValueError):
-    """What a guest wrote is not what was expected; the message is one line, safe to print."""
 
 
 def _escaped(char: str) -> str:

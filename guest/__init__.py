@@ -18,14 +18,14 @@ from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from berth.brokers import broker_for
-from berth.config import UnsafeSettings, ensure_safe
+from berth.config import ensure_safe
+from berth.errors import AgentRunning, KeyProblem, UnsafeSettings
 from berth.ids import guest_queue
-from berth.keys import KeyProblem
 from berth.paths import guest_dir
 from guest.celery_app import app
 from guest.heartbeat import Heartbeat
 from guest.identity import Identity, identity, load_identity
-from guest.recovery import AgentRunning, hold_agent_lock
+from guest.recovery import hold_agent_lock
 
 
 def bind_instance(celery_app: Celery, instance_id: str) -> Queue:

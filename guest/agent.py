@@ -18,14 +18,13 @@ from celery import Task
 from celery.signals import task_failure, task_success
 
 from berth import __version__
-from berth.keys import SealError
+from berth.errors import InvalidField, InvalidMessage, PrepareError, SealError, WrongInstance
 from berth.paths import guest_dir
-from berth.spec import InvalidField, check_config, check_databases, check_users
+from berth.spec import check_config, check_databases, check_users
 from guest import deadletters, heartbeat
 from guest.authn import expiry_epoch
 from guest.celery_app import app
 from guest.datastores import get_manager
-from guest.errors import InvalidMessage, PrepareError, WrongInstance
 from guest.identity import identity
 from guest.journal import Journal
 from guest.state import datastore_status, prepared_datastore

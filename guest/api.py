@@ -17,15 +17,13 @@ from typing import Any
 
 from celery import Task
 
-from berth.guestapi import check_arguments
-from berth.keys import SealError
+from berth.errors import DatastoreError, InvalidField, InvalidMessage, SealError
+from berth.guestapi import OPERATIONS, check_arguments
 from berth.paths import guest_dir, replace_file
-from berth.spec import InvalidField
 from guest import heartbeat
 from guest.agent import own_instance
 from guest.celery_app import app
 from guest.datastores import get_manager
-from guest.errors import DatastoreError, InvalidMessage
 from guest.identity import identity
 from guest.state import prepared_datastore
 
@@ -67,7 +65,7 @@ def _run(task: Task, name: str, instance_id: str, arguments: dict[str, Any]) -> 
         status = manager.restart()
         heartbeat.soon()
         return status
-    if name in ("list_databases", "list_users"):
+    if not OPERATIONS[name].changes:
         return getattr(manager, name)(**checked)
     again = OpsJournal(guest_dir(own)).begin(str(task.request.id))
     return getattr(manager, name)(**checked, again=again)

@@ -20,8 +20,9 @@ from typing import Any
 
 import redis
 
+from berth.errors import Malformed
 from berth.ids import deadletter_key
-from berth.untrusted import MAX_DEADLETTER_BYTES, Malformed, clean, decode_json, describe_oversized, take_lists
+from berth.untrusted import MAX_DEADLETTER_BYTES, clean, decode_json, describe_oversized, take_lists
 
 MAX_ENTRIES = 1000
 # Longest text kept per field: an entry describes a message, it never carries one.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from berth.keys import GuestKey, KeyProblem
+from berth.errors import KeyProblem
+from berth.keys import GuestKey
 from berth.paths import guest_dir
 from guest.authn import SpentIds
 

@@ -13,15 +13,12 @@ import os
 from pathlib import Path
 from typing import IO
 
+from berth.errors import AgentRunning
 from berth.paths import AGENT_LOCK
 
 log = logging.getLogger("berth.guest")
 # The open lock file; the kernel releases the lock when this process ends, however it ends.
 _lock: IO[str] | None = None
-
-
-class AgentRunning(RuntimeError):
-    """Another agent for the same instance already runs on this host."""
 
 
 def hold_agent_lock(home: Path) -> None:

@@ -42,7 +42,6 @@ from tasks.taskmanager import (
 )
 
 log = logging.getLogger("berth.delete")
-DELETE_STEPS = ("shutdown_guest", "remove_instance")
 CHAIN_STOP_POLL_S = 0.2
 
 

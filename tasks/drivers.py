@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from berth.errors import BootError
 from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
 from tasks.celery_app import app
 from tasks.runtime import guest_env
@@ -40,10 +41,6 @@ def inherited(environ: dict[str, str]) -> dict[str, str]:
             if (k in INHERITED or k.startswith("LC_") or k.startswith("BERTH_")) and k not in CONTROL_PLANE_ONLY}
 # Popen handles of guests this process started, so that their exit status is reaped.
 _children: dict[str, subprocess.Popen[bytes]] = {}
-
-
-class BootError(OSError):
-    """The driver could not start the guest."""
 
 
 class BootDriver(Protocol):

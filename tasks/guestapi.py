@@ -25,15 +25,18 @@ from berth.errors import (
     GuestUnreachable,
     InstanceNotFound,
     InstanceNotServing,
+    InvalidField,
     InvalidRequest,
+    Malformed,
+    SealError,
+    UnknownOperation,
     from_invalid_field,
 )
-from berth.guestapi import UnknownOperation, check_answer, check_arguments, operation
+from berth.guestapi import check_answer, check_arguments, operation
 from berth.ids import fresh_guest_task_id, guest_task_prefix, request_tag, result_key
-from berth.keys import SealError, is_sealed, unseal_at_rest
+from berth.keys import is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord
-from berth.spec import InvalidField, check_instance_id
-from berth.untrusted import Malformed
+from berth.spec import check_instance_id
 from tasks import channel, heartbeats, waiting
 from tasks.channel import in_seconds
 from tasks.runtime import raw_result_client, records, result_client, setting

@@ -31,13 +31,13 @@ from typing import Any
 
 import redis
 
-from berth.ids import RECORD_INDEX_KEY, heartbeat_key, record_key
+from berth.errors import Malformed
+from berth.ids import HEARTBEAT_INDEX_KEY, RECORD_INDEX_KEY, heartbeat_key, record_key
 from berth.keys import guest_key
-from berth.records import log_transition, text
+from berth.records import SERVING, Records, log_transition, text
 from berth.steps import ThreadStep
 from berth.untrusted import (
     MAX_REPORT_BYTES,
-    Malformed,
     RateLimitedLog,
     decode_json,
     describe_oversized,
@@ -46,54 +46,8 @@ from berth.untrusted import (
 )
 
 log = logging.getLogger("berth.heartbeats")
-HEARTBEAT_INDEX_KEY = "berth:heartbeat-index"
-SERVING_NAMES = frozenset({"ACTIVE", "SHUTDOWN", "UNKNOWN"})
 # Reports a guest keeps on its list while no taskmanager takes them (guest/heartbeat.py).
 KEEP_REPORTS = 16
-
-# KEYS: record, index. ARGV: instance id, seq, datastore status. Times are the broker's (TIME), so
-# taskmanagers whose clocks differ agree on every heartbeat's age.
-# Returns {outcome, old status, previous status_changed_at, now}.
-_APPLY = """
-local t = redis.call('TIME')
-local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
-local st = redis.call('HGET', KEYS[1], 'status')
-if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return {'not_serving', st or '', '', now}
-end
-local last = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_seq') or '-1')
-if tonumber(ARGV[2]) <= last then return {'out_of_order', st, '', now} end
-redis.call('HSET', KEYS[1], 'heartbeat_seq', ARGV[2], 'last_heartbeat_at', now, 'heartbeat_datastore', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'heartbeats', 1)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-local new = 'SHUTDOWN'
-if ARGV[3] == 'running' then new = 'ACTIVE' end
-if new == st then return {'applied', st, '', now} end
-local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
-redis.call('HSET', KEYS[1], 'status', new, 'status_changed_at', now, 'updated_at', now)
-return {'changed', st, since, now}
-"""
-
-# KEYS: record, index. ARGV: instance id, expiry. Returns {outcome, old status, since, last heard, now}.
-_EXPIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local st = redis.call('HGET', KEYS[1], 'status')
-if st ~= 'ACTIVE' and st ~= 'SHUTDOWN' and st ~= 'UNKNOWN' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return {'not_serving', st or '', '', '', ''}
-end
-local heard = redis.call('HGET', KEYS[1], 'last_heartbeat_at') or redis.call('HGET', KEYS[1], 'active_at') or '0'
-local stamp = string.format('%.6f', now)
-if st == 'UNKNOWN' or now - tonumber(heard) < tonumber(ARGV[2]) then
-  return {'unchanged', st, '', heard, stamp}
-end
-local since = redis.call('HGET', KEYS[1], 'status_changed_at') or redis.call('HGET', KEYS[1], 'active_at') or ''
-redis.call('HSET', KEYS[1], 'status', 'UNKNOWN', 'status_changed_at', stamp, 'updated_at', stamp)
-return {'changed', st, since, heard, stamp}
-"""
-
 
 def watch(client: redis.Redis, instance_id: str, now: float, only_new: bool = False) -> None:
     """Watch the heartbeats of a newly ACTIVE instance; its silence counts from ``now``.
@@ -116,7 +70,7 @@ def adopt_serving(client: redis.Redis, now: float) -> list[str]:
             pipe.zscore(HEARTBEAT_INDEX_KEY, instance_id)
         found = pipe.execute()
     adopted = [iid for iid, status, score in zip(ids, found[::2], found[1::2], strict=True)
-               if score is None and status is not None and text(status) in SERVING_NAMES]
+               if score is None and status is not None and text(status) in {s.value for s in SERVING}]
     for instance_id in adopted:
         watch(client, instance_id, now, only_new=True)
     if adopted:
@@ -178,8 +132,7 @@ class Monitor:
     def __init__(self, client: redis.Redis, expiry_s: float) -> None:
         """``client`` returns bytes: the reports are a guest's (its replies are read with `text`)."""
         self.client, self.expiry_s = client, expiry_s
-        self._apply = client.register_script(_APPLY)
-        self._expire = client.register_script(_EXPIRE)
+        self.records = Records(client)
 
     def check(self) -> dict[str, int]:
         """One round: every report taken and applied, every silent guest marked UNKNOWN."""
@@ -204,8 +157,7 @@ class Monitor:
                              type(exc).__name__, one_line(exc, 200))
 
     def _expire_one(self, instance_id: str, counts: dict[str, int]) -> None:
-        outcome, old, since, heard, stamp = (text(v) for v in self._expire(
-            keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY], args=[instance_id, self.expiry_s]))
+        outcome, old, since, heard, stamp = self.records.expire_silent(instance_id, self.expiry_s)
         if outcome == "changed":
             counts["expired"] += 1
             now = float(stamp)
@@ -243,9 +195,7 @@ class Monitor:
     def apply(self, instance_id: str, report: dict[str, Any], counts: dict[str, int] | None = None) -> str:
         """Apply one checked report; return the outcome (applied, changed, out_of_order, not_serving)."""
         status = "running" if report["datastore_status"] == "running" else "down"
-        outcome, old, since, stamp = (text(v) for v in self._apply(
-            keys=[record_key(instance_id), HEARTBEAT_INDEX_KEY],
-            args=[instance_id, int(report["seq"]), status]))
+        outcome, old, since, stamp = self.records.apply_heartbeat(instance_id, int(report["seq"]), status)
         now = float(stamp)
         if counts is not None and outcome in counts:
             counts[outcome] += 1

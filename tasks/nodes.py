@@ -28,8 +28,9 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 
+from berth.errors import KeyProblem, NodeNameTaken
 from berth.ids import NODES_KEY, lease_key, node_unacked_keys
-from berth.keys import KeyProblem, check_master_key
+from berth.keys import check_master_key
 from berth.records import Records
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
@@ -43,10 +44,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-class NodeNameTaken(RuntimeError):
-    pass
 
 
 class Lease:

@@ -7,7 +7,8 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
-from berth.config import UnsafeSettings, ensure_safe
+from berth.config import ensure_safe
+from berth.errors import UnsafeSettings
 from tasks.drivers import LocalDriver
 from tasks.runtime import broker
 

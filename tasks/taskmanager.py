@@ -28,21 +28,23 @@ from berth.errors import (
     InstanceExists,
     InstanceNotBuilding,
     InstanceNotFound,
+    InvalidField,
     InvalidRequest,
+    Malformed,
     PrepareFailed,
     PrepareTimeout,
     ProvisioningError,
     RequestFinished,
+    SealError,
     StillWaiting,
     from_invalid_field,
 )
 from berth.guestapi import check_connection, check_count
-from berth.ids import TASKMANAGER_QUEUE, ping_task_id, prepare_task_id, result_key, step_task_id
-from berth.keys import SealError, is_sealed, unseal_at_rest
+from berth.ids import PROVISION_STEPS, TASKMANAGER_QUEUE, ping_task_id, prepare_task_id, result_key, step_task_id
+from berth.keys import is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord, Reason, Status
-from berth.spec import InvalidField, ProvisionRequest, validate_request
+from berth.spec import ProvisionRequest, validate_request
 from berth.timing import next_countdown
-from berth.untrusted import Malformed
 from tasks import channel, heartbeats, secrets, waiting
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
@@ -138,7 +140,6 @@ def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[Pro
     raise exc(f"instance {instance_id}: {reason.value}: {error}")
 
 
-CHAIN_STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
 # Errors that say nothing about the instance's own build (or were recorded already).
 NOT_THE_BUILDS_FAULT = (InstanceExists, InstanceNotBuilding, InstanceNotFound, InvalidRequest, RequestFinished)
 
@@ -222,9 +223,9 @@ class Step(Task):
         if record is None or record.status not in (Status.DELETING, Status.DELETED):
             return
         request_id = record["request_id"]
-        if task_id not in {step_task_id(instance_id, request_id, step) for step in CHAIN_STEPS}:
+        if task_id not in {step_task_id(instance_id, request_id, step) for step in PROVISION_STEPS}:
             return
-        stale = [result_key(step_task_id(instance_id, request_id, step)) for step in CHAIN_STEPS]
+        stale = [result_key(step_task_id(instance_id, request_id, step)) for step in PROVISION_STEPS]
         redis_client().delete(*stale)
         records().set_once(instance_id, "chain_stopped_at", time.time())
         log.info("instance %s: provisioning chain stopped at %s for delete", instance_id, self.name)

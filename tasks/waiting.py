@@ -19,8 +19,9 @@ from typing import Any
 import redis
 from celery import states
 
+from berth.errors import Malformed
 from berth.ids import result_key
-from berth.untrusted import MAX_ANSWER_BYTES, Malformed, clean, decode_json, one_line, read_bounded
+from berth.untrusted import MAX_ANSWER_BYTES, clean, decode_json, one_line, read_bounded
 
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from berth import untrusted
 from berth.brokers.redis import queues
-from berth.errors import GuestError
+from berth.errors import GuestError, Malformed
 from berth.guestapi import check_answer, check_connection
 from berth.ids import deadletter_key, heartbeat_key, queue_lists, record_key, unacked_keys
 from berth.keys import guest_key
@@ -346,7 +346,7 @@ def test_any_stored_answer_parses_to_an_answer_or_nothing(raw: bytes) -> None:
 def test_any_heartbeat_is_a_report_or_malformed(raw: bytes | int) -> None:
     try:
         report = heartbeats.parse_report("hb-x", "r", raw)
-    except untrusted.Malformed as exc:
+    except Malformed as exc:
         assert printable(str(exc))
     else:
         assert report["instance_id"] == "hb-x"
@@ -363,11 +363,11 @@ def test_any_dead_letter_reads_as_an_entry(raw: bytes | int) -> None:
 def test_an_answers_shape_is_checked_with_the_projects_error_only(value: Any, name: str) -> None:
     try:
         check_answer(name, value)
-    except untrusted.Malformed as exc:
+    except Malformed as exc:
         assert printable(str(exc))
     try:
         connection = check_connection(value)
-    except untrusted.Malformed:
+    except Malformed:
         return
     assert set(connection) <= {"datastore", "host", "port", "users", "databases", "key_prefixes"}
 
@@ -381,5 +381,5 @@ def test_escaped_text_is_printable_and_one_line(text: str) -> None:
 
 def test_a_document_nested_too_deep_or_too_large_is_malformed_before_it_is_parsed() -> None:
     for raw, why in ((b"[" * 100_000, "over"), (b"[" * 3000, "nested"), (b"\xff", "UTF-8"), (b"NaN", "not JSON")):
-        with pytest.raises(untrusted.Malformed, match=why):
+        with pytest.raises(Malformed, match=why):
             untrusted.decode_json(raw, "x", 50_000)

@@ -91,7 +91,8 @@ def test_a_guest_refuses_to_start_with_unsafe_settings(new_id: Callable[[str], s
 
 
 def test_the_local_driver_never_takes_a_machine_from_another_provisioning(tmp_path: Path) -> None:
-    from tasks.drivers import BootError, LocalDriver
+    from berth.errors import BootError
+    from tasks.drivers import LocalDriver
 
     driver = LocalDriver(tmp_path)
     first = driver.boot("mine-1", 30.0, booted_by="test", request_id="request-a")  # sleeps 30 s: a slow VM

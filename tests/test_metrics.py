@@ -22,13 +22,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from berth import metrics
-from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, TRANSITIONS_KEY, record_key, step_task_id
+from berth.ids import PROVISION_STEPS as CHAIN_STEPS
+from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, STEPS, TRANSITIONS_KEY, record_key, step_task_id
 from berth.logs import parse_structured
 from berth.records import Records, Status, log_transition
 from berth.redis_server import free_port
 from tasks import app
 from tasks.runtime import redis_client
-from tasks.taskmanager import CHAIN_STEPS, validated
+from tasks.taskmanager import validated
 from tests.helpers import Proc, start_flower, wait_for_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
@@ -70,7 +71,7 @@ def scrape(base: str) -> tuple[str, Samples]:
 
 
 def step_counts(samples: Samples) -> dict[str, float]:
-    return {step: value(samples, "berth_step_duration_seconds_count", step=step) for step in metrics.STEPS}
+    return {step: value(samples, "berth_step_duration_seconds_count", step=step) for step in STEPS}
 
 
 def provision(instance_id: str, records: Records) -> None:
@@ -95,7 +96,7 @@ def test_flower_serves_berth_series_next_to_its_own_without_auth(
         assert ("berth_instances", (("status", status.value),)) in first, f"berth_instances{{status={status}}}"
     assert value(first, "berth_instances", status="ACTIVE") >= 1
     assert value(first, "berth_step_duration_seconds_count", step="ping_guest") >= 1
-    for step in metrics.STEPS:
+    for step in STEPS:
         buckets = [value(first, "berth_step_duration_seconds_bucket", step=step, le=le) for le in metrics.BUCKET_LABELS]
         assert buckets == sorted(buckets), f"{step}: cumulative buckets"
         assert buckets[-1] == value(first, "berth_step_duration_seconds_count", step=step)

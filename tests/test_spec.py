@@ -11,6 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from berth.errors import InvalidField
 from berth.ids import (
     INSTANCE_ID_RE,
     RESULT_KEY_PREFIX,
@@ -28,7 +29,7 @@ from berth.ids import (
     task_id,
     unacked_keys,
 )
-from berth.spec import MAX_REQUEST_BYTES, InvalidField, check_instance_id, validate_request
+from berth.spec import MAX_REQUEST_BYTES, check_instance_id, validate_request
 
 LIMITS = {"boot_delay_max_s": 600.0, "ping_deadline_max_s": 1800.0, "prepare_deadline_max_s": 1800.0}
 

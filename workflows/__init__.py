@@ -18,16 +18,15 @@ from typing import Any
 
 from celery import chain
 
-from berth.errors import InstanceNotFound, from_invalid_field
-from berth.ids import step_task_id
-from berth.records import InstanceRecord, Status
-from berth.spec import InvalidField, check_instance_id
+from berth.errors import InstanceNotFound, InvalidField, from_invalid_field
+from berth.ids import DELETE_STEPS, PROVISION_STEPS, step_task_id
+from berth.records import DELETABLE, InstanceRecord, Status
+from berth.spec import check_instance_id
 from tasks import secrets
 from tasks.celery_app import app
-from tasks.deletion import DELETE_STEPS, remove_instance, shutdown_guest
+from tasks.deletion import remove_instance, shutdown_guest
 from tasks.runtime import records, redis_client
 from tasks.taskmanager import (
-    CHAIN_STEPS,
     REQUEST_FIELDS,
     boot_guest,
     create_queue,
@@ -38,7 +37,7 @@ from tasks.taskmanager import (
     verify,
 )
 
-STEPS = CHAIN_STEPS
+STEPS = PROVISION_STEPS
 
 
 def provision_chain(instance_id: str, *, request_id: str | None = None, **request: Any) -> chain:
@@ -91,8 +90,6 @@ def send_request(task: str, args: list[Any], kwargs: dict[str, Any], request_id:
     app.send_task(task, args=args, kwargs=kwargs, task_id=request_id)
 
 
-# A delete may start from these; the provisioning chain of a NEW or BUILD one stops at its next step.
-DELETABLE = (Status.NEW, Status.BUILD, Status.ACTIVE, Status.FAILED, Status.SHUTDOWN, Status.UNKNOWN)
 
 
 def mark_deleting(instance_id: str, request_id: str) -> Status | None:

@@ -22,23 +22,30 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from berth.config import UnsafeSettings, ensure_safe
+from berth.config import ensure_safe
 from berth.errors import (
+    AgentError,
+    BerthError,
     GuestError,
     GuestTimeout,
     GuestUnreachable,
     InstanceExists,
     InstanceNotFound,
     InstanceNotServing,
+    InvalidField,
+    InvalidInput,
     InvalidRequest,
+    KeyProblem,
+    ProvisioningError,
     QueueMissing,
+    SetupError,
 )
 from berth.guestapi import OPERATIONS
 from berth.ids import INSTANCE_ID_FORMAT, fresh_guest_task_id
-from berth.keys import KeyProblem, check_master_key
+from berth.keys import check_master_key
 from berth.records import FINAL, SERVING, InstanceRecord, Status
 from berth.redis_server import redis_cli_command
-from berth.spec import InvalidField, check_instance_id
+from berth.spec import check_instance_id
 from berth.untrusted import escape
 from guest import deadletters
 from guest.launch import agent_command
@@ -51,6 +58,16 @@ from workflows import submit, submit_delete
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NO_TASKMANAGER = 0, 1, 2, 3, 4
 WAIT_MARGIN_S = 60.0
+# Berth's errors (berth/errors.py) as exit codes: the first class in this order that one is.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (InvalidRequest, EXIT_USAGE), (InvalidInput, EXIT_USAGE), (SetupError, EXIT_USAGE),
+    (ProvisioningError, EXIT_FAILED), (AgentError, EXIT_FAILED), (BerthError, EXIT_FAILED),
+    (OperationalError, EXIT_BROKER), (redis.RedisError, EXIT_BROKER),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
 
 
 class CliError(Exception):
@@ -118,13 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The guest API: command -> (operation, its positional arguments).
-API_COMMANDS = {
-    "status": ("get_status", ()), "restart": ("restart", ()),
-    "databases": ("list_databases", ()), "create-database": ("create_database", ("name",)),
-    "delete-database": ("delete_database", ("name",)),
-    "users": ("list_users", ()), "create-user": ("create_user", ("name",)), "delete-user": ("delete_user", ("name",)),
-}
+# The guest API: command -> (operation, its positional arguments), from berth.guestapi.OPERATIONS.
+API_COMMANDS = {op.command: (op.name, tuple(a for a in op.required if a != "password")) for op in OPERATIONS.values()}
 
 
 def add_guest_api(sub: Any) -> None:
@@ -491,11 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ensure_safe(app.conf)
-    except UnsafeSettings as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         return COMMANDS[args.command](args)
-    except CliError as exc:
+    except (CliError, BerthError, OperationalError, redis.RedisError) as exc:
         print("error: " + "\n".join(escape(line) for line in str(exc).split("\n")), file=sys.stderr)
-        return exc.code
+        return exc.code if isinstance(exc, CliError) else exit_code(exc)

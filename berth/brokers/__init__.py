@@ -13,10 +13,7 @@ from urllib.parse import urlparse
 
 from berth.brokers.base import Broker, LiveGuests
 from berth.brokers.redis import RedisBroker
-
-
-class UnsupportedBroker(ValueError):
-    """A broker URL no implementation here serves."""
+from berth.errors import UnsupportedBroker
 
 
 def broker_for(broker_url: str, result_backend: str) -> Broker:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from berth.errors import InvalidMessage
 from guest.datastores.noop import NoopManager
 from guest.datastores.redis import RedisManager
-from guest.errors import InvalidMessage
 
 
 class Manager(Protocol):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guest.errors import DatastoreError, PrepareError
+from berth.errors import DatastoreError, PrepareError
 
 NO_API = "the noop datastore has no databases or users (provision with datastore redis)"
 

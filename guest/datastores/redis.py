@@ -22,9 +22,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from berth.errors import DatastoreError, PrepareError
 from berth.paths import replace_file
 from berth.redis_server import free_port, redis_server_binary
-from guest.errors import DatastoreError, PrepareError
 
 ADMIN_USER = "berth-admin"
 START_TIMEOUT_S = 10.0

@@ -66,10 +66,6 @@ GUEST_COMMANDS = (
 )
 
 
-class BrokerNotIsolating(RuntimeError):
-    """The broker lets anyone in as its default user without a password."""
-
-
 def user_name(instance_id: str) -> str:
     return f"guest.{instance_id}"
 

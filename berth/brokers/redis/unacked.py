@@ -25,10 +25,9 @@ from celery.worker import state
 from kombu.transport import redis as redis_transport
 from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
 
-from berth.ids import REQUEST_TASKS, node_unacked_keys
+from berth.ids import REQUEST_TASKS, SHARED_UNACKED_KEY, node_unacked_keys
 
 log = logging.getLogger("berth.unacked")
-SHARED_UNACKED_KEY = "unacked"
 # How often a consumer checks its own hash for messages it no longer holds, and how long one
 # must have been there: longer than any gap between taking a message and holding it.
 HEAL_INTERVAL_S = 10.0
