@@ -16,7 +16,17 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Proc, celery, guest_command, guest_env, unique_id, wait_until
+from tests.helpers import (
+    FLOWER_AUTH,
+    FlowerClient,
+    Proc,
+    celery,
+    guest_command,
+    guest_env,
+    start_flower,
+    unique_id,
+    wait_until,
+)
 
 _session: dict[str, Any] = {}
 
@@ -68,6 +78,14 @@ def taskmanager(session_root: Path) -> Iterator[Proc]:
     wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, message="taskmanager ready")
     assert proc.alive(), proc.log()
     yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def flower(session_root: Path) -> Iterator[FlowerClient]:
+    """A real Flower (`celery -A tasks flower`) with basic auth, shared by the session."""
+    proc, base = start_flower(session_root / "logs" / "flower.log", FLOWER_AUTH)
+    yield FlowerClient(base)
     proc.stop()
 
 

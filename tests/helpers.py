@@ -78,10 +78,10 @@ class Proc:
             self.popen.wait()
 
 
-def workflows_cli(*args: str, env: dict[str, str] | None = None,
-                  timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-    """`python -m workflows ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "workflows", *args], capture_output=True, text=True,
+def workflows_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 90,
+                  stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m workflows ARGS` as a user runs it (``stdin``: what it reads, a password say)."""
+    return subprocess.run([sys.executable, "-m", "workflows", *args], input=stdin, capture_output=True, text=True,
                           cwd=PROJECT_DIR, env=env or project_env(), timeout=timeout_s)
 
 
@@ -150,6 +150,54 @@ def wait_for_status(records: Any, instance_id: str, statuses: Any = ("ACTIVE", "
         return record if record is not None and record.status.value in wanted else None
 
     return wait_until(reached, timeout_s, message=f"{instance_id} in {sorted(wanted)}")
+
+
+# The password the test session's Flower asks for (conftest's ``flower`` fixture).
+FLOWER_AUTH = "admin:flower-test-pw"
+
+
+def basic_auth(auth: str = FLOWER_AUTH) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(auth.encode()).decode()
+
+
+class FlowerClient:
+    """Flower's HTTP API and pages, with the session's credentials (or without, to see it refuse)."""
+
+    def __init__(self, base: str, auth: str = FLOWER_AUTH) -> None:
+        self.base, self.auth = base, auth
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """GET (or POST with a JSON body) an API path; its JSON answer."""
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method="POST" if data else "GET",
+                                         headers={"Authorization": basic_auth(self.auth),
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def raw(self, path: str) -> str:
+        """A page or API answer as text, with credentials."""
+        return self.get(path)[1]
+
+    def get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
+        """The status and text of a GET, with the credentials or without them."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Authorization": basic_auth(self.auth)} if auth else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.base + path, headers=headers),
+                                        timeout=10) as response:
+                return int(response.status), str(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), ""
+
+    def status_without_auth(self, path: str) -> int:
+        return self.get(path, auth=False)[0]
 
 
 def start_flower(log_path: Path, auth: str, **env: str) -> tuple[Proc, str]:

@@ -33,8 +33,14 @@ class Stack:
         assert proc.alive(), proc.log()
         return proc
 
-    def cli(self, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-        return workflows_cli(*args, env=self.env, timeout_s=timeout_s)
+    def cli(self, *args: str, timeout_s: float = 90, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return workflows_cli(*args, env=self.env, timeout_s=timeout_s, stdin=stdin)
+
+    def provision(self, instance_id: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`python -m workflows provision ID ARGS --wait` on this stack; it must end ACTIVE."""
+        out = self.cli("provision", instance_id, *args, "--wait", timeout_s=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
 
     def guest_env(self, instance_id: str) -> dict[str, str]:
         """The stack's environment with the guest's own user and key (`python -m workflows guest-env`)."""

@@ -10,13 +10,9 @@ README shows it).
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,46 +26,14 @@ from selenium.webdriver.common.by import By
 
 from berth.paths import PROJECT_DIR
 from berth.records import Records, Status
-from tests.helpers import start_flower, wait_for_status, wait_until
+from tests.helpers import FLOWER_AUTH, FlowerClient, basic_auth, wait_for_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
-AUTH = f"admin:{secrets.token_urlsafe(12)}"
+AUTH = FLOWER_AUTH
 PASSWORD = "Br0wser-Secret-Value-77"
 SCREENSHOT = PROJECT_DIR / "docs" / "flower-tasks.png"
 CHAIN_STEPS = ["taskmanager.create_queue", "taskmanager.boot_guest", "taskmanager.ping_guest",
                "taskmanager.send_prepare", "taskmanager.verify"]
-
-
-def auth_header(auth: str = AUTH) -> str:
-    return "Basic " + base64.b64encode(auth.encode()).decode()
-
-
-class FlowerAPI:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method="POST" if data else "GET",
-                                         headers={"Authorization": auth_header(), "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def status_without_auth(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-
-
-@pytest.fixture(scope="module")
-def flower(session_root: Path) -> Iterator[FlowerAPI]:
-    proc, base = start_flower(session_root / "logs" / "flower-browser.log", AUTH)
-    try:
-        yield FlowerAPI(base)
-    finally:
-        proc.stop()
 
 
 def system_binary(name: str) -> str:
@@ -148,7 +112,7 @@ def search_tasks(driver: Any, query: str) -> None:
 
 
 def test_a_provisioning_started_from_flower_shows_on_its_tasks_page_in_a_real_browser(
-        flower: FlowerAPI, browser: Any, new_id: Callable[[str], str], records: Records) -> None:
+        flower: FlowerClient, browser: Any, new_id: Callable[[str], str], records: Records) -> None:
     started = time.monotonic()
     instance_id = new_id("web")
     reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {
@@ -163,7 +127,7 @@ def test_a_provisioning_started_from_flower_shows_on_its_tasks_page_in_a_real_br
     assert "tasks-table" not in browser.page_source
 
     # Logged in (basic auth on every request the page makes, its table's XHR included).
-    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": auth_header()}})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": basic_auth()}})
     browser.get(flower.base + "/tasks")
     assert document_status(browser, flower.base + "/tasks") == 200
     search_tasks(browser, instance_id)

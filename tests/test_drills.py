@@ -45,7 +45,7 @@ def wait_status(stack: Stack, instance_id: str, *statuses: str, timeout_s: float
 
 def provision(stack: Stack, instance_id: str, *args: str) -> None:
     out = stack.cli("provision", instance_id, "--datastore", "noop", *args)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr  # (no --wait: the drills watch the steps themselves)
 
 
 def start_guest(stack: Stack, instance_id: str) -> Proc:

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +18,12 @@ from berth.paths import guests_root
 from berth.records import Records, Status
 from berth.redis_server import free_port
 from tasks.runtime import redis_client
-from tests.helpers import Proc, celery, project_env, start_flower, wait_for_status, wait_until
+from tests.helpers import FLOWER_AUTH, FlowerClient, Proc, celery, project_env, wait_for_status, wait_until
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
-AUTH = "admin:flower-test-pw"
+AUTH = FLOWER_AUTH
 PASSWORD = "Sup3r-Secret-Value-42"
-
-
-class Flower:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method="POST" if data else "GET", headers={
-            "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode(),
-            "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def raw(self, path: str) -> str:
-        request = urllib.request.Request(self.base + path, headers={
-            "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return str(response.read().decode())
 
 
 def dump(client: Any, key: str) -> Any:
@@ -52,14 +33,7 @@ def dump(client: Any, key: str) -> Any:
     return readers.get(client.type(key), lambda k: "")(key)
 
 
-@pytest.fixture(scope="module")
-def flower(session_root: Path) -> Iterator[Flower]:
-    proc, base = start_flower(session_root / "logs" / "flower.log", AUTH)
-    yield Flower(base)
-    proc.stop()
-
-
-def test_flower_send_task_api_starts_a_provisioning(flower: Flower, new_id: Callable[[str], str],
+def test_flower_send_task_api_starts_a_provisioning(flower: FlowerClient, new_id: Callable[[str], str],
                                                    records: Records) -> None:
     instance_id = new_id("flw")
     reply = flower.call("/api/task/send-task/workflows.provision",
@@ -75,7 +49,7 @@ def test_flower_send_task_api_starts_a_provisioning(flower: Flower, new_id: Call
     assert tasks
 
 
-def test_flower_send_task_api_deletes_an_active_instance(flower: Flower, new_id: Callable[[str], str],
+def test_flower_send_task_api_deletes_an_active_instance(flower: FlowerClient, new_id: Callable[[str], str],
                                                         records: Records) -> None:
     instance_id = new_id("fdl")
     flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {"datastore": "noop"}})
@@ -102,7 +76,7 @@ def test_flower_send_task_api_deletes_an_active_instance(flower: Flower, new_id:
 
 
 def test_ping_retries_of_a_late_guest_show_in_flower_with_their_reason(
-        flower: Flower, new_id: Callable[[str], str], records: Records) -> None:
+        flower: FlowerClient, new_id: Callable[[str], str], records: Records) -> None:
     """The guest boots 2 s late: ping_guest retries, and Flower shows it RETRY with the reason."""
     instance_id = new_id("frt")
     reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {
@@ -140,7 +114,7 @@ def test_ping_retries_of_a_late_guest_show_in_flower_with_their_reason(
 
 
 def test_a_prepared_password_appears_nowhere_flower_logs_or_redis_can_show(
-        flower: Flower, new_id: Callable[[str], str], records: Records, session_root: Path,
+        flower: FlowerClient, new_id: Callable[[str], str], records: Records, session_root: Path,
         taskmanager: Proc) -> None:
     instance_id = new_id("sec")
     reply = flower.call("/api/task/send-task/workflows.provision", {"args": [instance_id], "kwargs": {

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -155,8 +154,7 @@ def test_a_call_that_times_out_is_never_applied_later(new_id: Callable[[str], st
 
 
 def cli(stack: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workflows", *args], input=stdin, capture_output=True, text=True,
-                          cwd=PROJECT_DIR, env=stack.env, timeout=60)
+    return stack.cli(*args, stdin=stdin, timeout_s=60)  # type: ignore[no-any-return]
 
 
 def test_the_command_line_and_the_ping_check_of_a_stale_guest(stack: Any) -> None:
@@ -222,7 +220,6 @@ def test_a_request_run_again_gets_the_first_answer_and_changes_nothing_twice(
 
 
 def test_a_password_given_by_position_is_refused_before_anything_is_sent() -> None:
-    from berth.paths import PROJECT_DIR
     from tests.helpers import celery, project_env
 
     password = "Positional-Secret-99"

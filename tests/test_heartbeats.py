@@ -23,11 +23,8 @@ FAST = {"BERTH_HEARTBEAT_INTERVAL_S": "0.3", "BERTH_HEARTBEAT_EXPIRY_S": "2.5", 
 
 
 def provision(stack: Any, instance_id: str, datastore: str = "redis") -> Records:
-    args = ["provision", instance_id, "--datastore", datastore, "--wait"]
-    if datastore == "redis":
-        args += ["--user", "app:app-pass-123", "--database", "app"]
-    out = stack.cli(*args)
-    assert out.returncode == 0, out.stdout + out.stderr
+    extra = ["--user", "app:app-pass-123", "--database", "app"] if datastore == "redis" else []
+    stack.provision(instance_id, "--datastore", datastore, *extra)
     return Records(stack.client())
 
 

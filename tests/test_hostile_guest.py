@@ -134,9 +134,11 @@ def test_a_hostile_guest_harms_nobody_else(stack: Any) -> None:
         return out
 
     for instance_id in ("evil", "live", "frozen", "doomed"):
-        cli("provision", instance_id, "--wait")
-    cli("provision", "api", "--datastore", "redis", "--user", "app:app-pass-123", "--database", "app", "--wait")
+        printed.append(stack.provision(instance_id).stdout)
+    api = stack.provision("api", "--datastore", "redis", "--user", "app:app-pass-123", "--database", "app")
+    printed.append(api.stdout)
     records = Records(stack.client())
+
     def heard(instance_id: str) -> bool:
         record = records.get(instance_id)
         return record is not None and record.get("heartbeats", 0) >= 1

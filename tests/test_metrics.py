@@ -30,10 +30,10 @@ from berth.redis_server import free_port
 from tasks import app
 from tasks.runtime import redis_client
 from tasks.taskmanager import validated
-from tests.helpers import Proc, start_flower, wait_for_status, wait_until
+from tests.helpers import FLOWER_AUTH, FlowerClient, Proc, start_flower, wait_for_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
-AUTH = "admin:metrics-test-pw"
+AUTH = FLOWER_AUTH
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -56,13 +56,6 @@ def get(url: str, auth: str | None = None) -> tuple[int, str]:
         return int(exc.code), ""
 
 
-@pytest.fixture(scope="module")
-def flower(session_root: Path) -> Iterator[str]:
-    proc, base = start_flower(session_root / "logs" / "flower-metrics.log", AUTH)
-    yield base
-    proc.stop()
-
-
 def scrape(base: str) -> tuple[str, Samples]:
     """/metrics without credentials: always served (Flower's own endpoint)."""
     status, text = get(base + "/metrics")
@@ -82,14 +75,14 @@ def provision(instance_id: str, records: Records) -> None:
 
 
 def test_flower_serves_berth_series_next_to_its_own_without_auth(
-        flower: str, new_id: Callable[[str], str], records: Records) -> None:
-    _, before = scrape(flower)
+        flower: FlowerClient, new_id: Callable[[str], str], records: Records) -> None:
+    _, before = scrape(flower.base)
     provision(new_id("met"), records)
     # verify's duration is observed once its task has returned, just after the instance is ACTIVE.
-    wait_until(lambda: all(step_counts(scrape(flower)[1])[s] >= step_counts(before)[s] + 1 for s in CHAIN_STEPS),
+    wait_until(lambda: all(step_counts(scrape(flower.base)[1])[s] >= step_counts(before)[s] + 1 for s in CHAIN_STEPS),
                20, interval_s=0.1, message="the five steps observed")
-    text, first = scrape(flower)
-    assert get(flower + "/api/workers")[0] == 401, "Flower's API still asks for a password"
+    text, first = scrape(flower.base)
+    assert get(flower.base + "/api/workers")[0] == 401, "Flower's API still asks for a password"
     assert "flower_" in text and "flower_events_total" in text, "Flower's own series are there too"
     assert value(first, "berth_up") == 1
     for status in Status:
@@ -106,9 +99,9 @@ def test_flower_serves_berth_series_next_to_its_own_without_auth(
     assert value(first, "berth_transitions_total", **{"from": "BUILD", "to": "ACTIVE"}) >= 1
 
     provision(new_id("met"), records)
-    wait_until(lambda: all(step_counts(scrape(flower)[1])[s] >= step_counts(first)[s] + 1 for s in CHAIN_STEPS),
+    wait_until(lambda: all(step_counts(scrape(flower.base)[1])[s] >= step_counts(first)[s] + 1 for s in CHAIN_STEPS),
                20, interval_s=0.1, message="the second provisioning's steps observed")
-    _, second = scrape(flower)
+    _, second = scrape(flower.base)
     for change in (("NEW", "BUILD"), ("BUILD", "ACTIVE")):
         labels = {"from": change[0], "to": change[1]}
         assert value(second, "berth_transitions_total", **labels) >= value(first, "berth_transitions_total",
