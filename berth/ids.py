@@ -86,7 +86,7 @@ GUEST_TASK_MARK = "guest"
 def guest_task_prefix(instance_id: str) -> str:
     """Every task sent to a guest has an id starting with this, and no taskmanager step has.
 
-    A guest's broker user may write the results of these ids only (tasks/credentials.py).
+    A guest's broker user may write the results of these ids only (berth/brokers/redis/acl.py).
     """
     return f"{instance_id}.{GUEST_TASK_MARK}."
 

@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 # Limits suited to a broker, each overridable by environment. A guest may write some keys of its
-# own (tasks/credentials.py) and Redis has no per-user quota: these bound what any one client can
+# own (berth/brokers/redis/acl.py) and Redis has no per-user quota: these bound what any one client can
 # do to the server. Memory: when full, writes fail with an error (noeviction) instead of Redis
 # silently evicting queued messages, results or records.
 MAXMEMORY = os.environ.get("BERTH_BROKER_MAXMEMORY", "1gb")

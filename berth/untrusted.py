@@ -1,6 +1,6 @@
 """Everything a guest writes is hostile bytes: bounded, decoded, parsed and cleaned here.
 
-A guest's broker user may write a few keys and channels of its own (tasks/credentials.py): its
+A guest's broker user may write a few keys and channels of its own (berth/brokers/redis/acl.py): its
 queue, its results and their channels, its dead letters, its heartbeats, its ack-emulation keys.
 The control plane reads them, and whatever it reads from there goes through this module first:
 

@@ -47,14 +47,14 @@ def admin_password(data_dir: Path) -> str:
     """The broker's admin password, made on first start and kept in its data dir (mode 0600).
 
     Only the control plane (taskmanager, command line, Flower) uses it; each guest gets a Redis
-    ACL user of its own (tasks/credentials.py), so the default user is never password-less.
+    ACL user of its own (berth/brokers/redis/acl.py), so the default user is never password-less.
     """
     return create_once(private_dir(data_dir) / ADMIN_SECRET_FILE, secrets.token_urlsafe(24) + "\n").strip()
 
 
 def prepare_acl_file(data_dir: Path) -> Path:
     """The ACL file: the admin user. Guests' users are minted again by the taskmanager after a restart
-    (`tasks.credentials.restore_missing`); each revoke saves the file (ACL SAVE)."""
+    (`berth.brokers.redis.acl.restore_missing`); each revoke saves the file (ACL SAVE)."""
     path = data_dir / ACL_FILE
     digest = hashlib.sha256(admin_password(data_dir).encode()).hexdigest()
     create_once(path, f"user default on #{digest} ~* &* +@all\n")

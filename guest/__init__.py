@@ -7,7 +7,7 @@ the message again.
 
 It connects as its own broker user and believes only messages signed with its own key
 (``BERTH_GUEST_KEY``): both come from its boot driver, or from `python -m workflows guest-env ID`
-for a guest started by hand (guest/authn.py, tasks/credentials.py).
+for a guest started by hand (guest/authn.py, berth/brokers/redis/acl.py).
 """
 
 from __future__ import annotations

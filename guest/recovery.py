@@ -1,7 +1,7 @@
 """One agent per instance on a host: then the guest's unacked keys are its own to restore.
 
 Each guest has its own ack-emulation keys (``unacked.<id>``...); everything in them that the
-running agent is not working on was in flight in a run that died, and `berth.unacked` puts it
+running agent is not working on was in flight in a run that died, and `berth.brokers.redis.unacked` puts it
 back when the agent connects (see there).
 """
 

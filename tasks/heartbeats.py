@@ -1,6 +1,6 @@
 """Guest heartbeats: each ACTIVE guest reports its datastore's status; silence makes it UNKNOWN.
 
-The path keeps the isolation (tasks/credentials.py): a guest appends signed reports to its own
+The path keeps the isolation (berth/brokers/redis/acl.py): a guest appends signed reports to its own
 list ``berth:heartbeat:ID``, the only list of the kind its broker user may touch, so it can only
 ever report for itself, and the taskmanager also checks each report's signature with that
 guest's key. Each taskmanager node, every ``berth_heartbeat_check_s``:

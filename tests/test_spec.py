@@ -250,7 +250,7 @@ def test_no_name_derived_from_one_id_can_be_read_as_another_ids(a: str, b: str, 
         assert tid.startswith(f"{a}.")
         assert not tid.startswith(f"{b}.")
         assert not result_key(tid).startswith(f"{RESULT_KEY_PREFIX}{b}.")
-        # The pattern tasks.queues.result_keys scans for b's results.
+        # The pattern berth.brokers.redis.queues.result_keys scans for b's results.
         assert not fnmatch.fnmatchcase(result_key(tid), f"{RESULT_KEY_PREFIX}{b}.*")
 
     def names(i: str) -> set[str]:
