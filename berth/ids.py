@@ -109,6 +109,12 @@ def prepare_task_id(instance_id: str, request_id: str) -> str:
     return guest_task_id(instance_id, request_id, "prepare")
 
 
+def instance_of(task_id_: str) -> str:
+    """The instance a task id names: what comes before its first dot (the one parser of task ids;
+    the step marks' Lua in berth/records.py builds them the same way to compare)."""
+    return task_id_.partition(".")[0]
+
+
 def result_key(task_id_: str) -> str:
     return f"{RESULT_KEY_PREFIX}{task_id_}"
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from berth.ids import guest_task_prefix
+from berth.ids import guest_task_prefix, instance_of
 from berth.keys import SIGNATURE_HEADER, GuestKey
 from berth.paths import replace_file
 
@@ -96,17 +96,13 @@ def expiry_epoch(expires: object) -> float | None:
     return when.timestamp()
 
 
-def _named_instance(task_id: str) -> str:
-    return task_id.split(".", 1)[0]
-
-
 def check(headers: Any, payload: Any, *, instance_id: str, key: GuestKey, spent: SpentIds,
           now: float | None = None) -> Refusal | None:
     """Why this guest refuses the message, or None when it is genuine and new."""
     headers = headers if isinstance(headers, dict) else {}
     task, task_id = headers.get("task"), headers.get("id")
     if not isinstance(task_id, str) or not task_id.startswith(guest_task_prefix(instance_id)):
-        named = _named_instance(task_id) if isinstance(task_id, str) else None
+        named = instance_of(task_id) if isinstance(task_id, str) else None
         return Refusal(RETARGETED, f"task id {task_id!r} is not one of this guest's"
                                    + (f" (it names instance {named!r})" if named and named != instance_id else ""))
     kwargs = payload[1] if isinstance(payload, (list, tuple)) and len(payload) == 3 else None

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from berth.errors import Malformed
-from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, prepare_task_id
+from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, instance_of, prepare_task_id
 from berth.records import Status
 from berth.steps import ThreadStep
 from berth.untrusted import MAX_ANSWER_BYTES, RateLimitedLog, as_text, one_line
@@ -40,7 +40,7 @@ def on_answer(channel: bytes | str, data: bytes | str) -> bool:
         task_id = as_text(channel, "channel").removeprefix(RESULT_KEY_PREFIX)
     except Malformed:
         return False
-    instance_id = task_id.partition(f".{GUEST_TASK_MARK}.")[0]
+    instance_id = instance_of(task_id)
     if INSTANCE_ID_RE.fullmatch(instance_id) is None or len(data) > MAX_ANSWER_BYTES:
         return False
     answer = waiting.parse(data)

@@ -25,7 +25,7 @@ from celery.worker import state
 from kombu.transport import redis as redis_transport
 from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
 
-from berth.ids import REQUEST_TASKS, SHARED_UNACKED_KEY, node_unacked_keys
+from berth.ids import REQUEST_TASKS, SHARED_UNACKED_KEY, instance_of, node_unacked_keys
 
 log = logging.getLogger("berth.unacked")
 # How often a consumer checks its own hash for messages it no longer holds, and how long one
@@ -196,7 +196,7 @@ def _instance_of(raw: Any) -> str | None:
             args, kwargs, _ = json.loads(body)
             found = args[0] if args else kwargs.get("instance_id")
         else:
-            found = str(headers["id"]).partition(".")[0]  # a step's id: <instance>.<step>.<request>
+            found = instance_of(str(headers["id"]))  # a step's id: <instance>.<step>.<request>
     except (ValueError, LookupError, TypeError, AttributeError):
         return None
     return found if isinstance(found, str) else None
