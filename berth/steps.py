@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
-from celery.worker.control import inspect_command
 
 log = logging.getLogger("berth.threads")
 # Seconds before a thread whose body failed or returned early runs it again.
@@ -62,9 +61,3 @@ class ThreadStep(bootsteps.StartStopStep):
 def berth_thread_names() -> list[str]:
     """The names of this process's live Berth background threads."""
     return sorted(t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive())
-
-
-@inspect_command()
-def berth_threads(state: Any) -> dict[str, list[str]]:
-    """``celery -A tasks inspect berth_threads``: which Berth background threads run in each node."""
-    return {"threads": berth_thread_names()}

@@ -27,11 +27,13 @@ from typing import Any
 
 import redis
 from celery import Celery, bootsteps
+from celery.worker.control import inspect_command
 
 from berth.errors import KeyProblem, NodeNameTaken
 from berth.ids import NODES_KEY, lease_key, node_unacked_keys
 from berth.keys import check_master_key
 from berth.records import Records
+from berth.steps import berth_thread_names
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
 from tasks.runtime import broker
@@ -180,3 +182,9 @@ class OwnUnacked(bootsteps.StartStopStep):
 
     def create(self, worker: Any) -> Lease | None:
         return self.lease
+
+
+@inspect_command()
+def berth_threads(state: Any) -> dict[str, list[str]]:
+    """``celery -A tasks inspect berth_threads``: which Berth background threads run in each node."""
+    return {"threads": berth_thread_names()}

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from berth.errors import InvalidMessage
-from guest.datastores.noop import NoopManager
-from guest.datastores.redis import RedisManager
 
 
 class Manager(Protocol):
@@ -53,6 +51,12 @@ class Manager(Protocol):
 
 
 def get_manager(datastore: str, home: Path) -> Manager:
+    # Loaded when a datastore is first needed, not at the agent's start: the start to the first
+    # pong is a benchmark target (guest footprint, BENCHMARKS.md), and a guest has no datastore
+    # to manage before its prepare.
+    from guest.datastores.noop import NoopManager
+    from guest.datastores.redis import RedisManager
+
     managers: dict[str, type[Manager]] = {"redis": RedisManager, "noop": NoopManager}
     if datastore not in managers:
         raise InvalidMessage(f"unknown datastore {datastore!r}")
