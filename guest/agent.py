@@ -17,11 +17,12 @@ import redis
 from celery import Task
 from celery.signals import task_failure, task_success
 
+import guest.deadletters as deadletters
+import guest.heartbeat as heartbeat
 from berth import __version__
 from berth.errors import InvalidField, InvalidMessage, PrepareError, SealError, WrongInstance
 from berth.paths import guest_dir
 from berth.spec import check_config, check_databases, check_users
-from guest import deadletters, heartbeat
 from guest.authn import expiry_epoch
 from guest.celery_app import app
 from guest.datastores import get_manager

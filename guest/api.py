@@ -17,10 +17,10 @@ from typing import Any
 
 from celery import Task
 
+import guest.heartbeat as heartbeat
 from berth.errors import DatastoreError, InvalidField, InvalidMessage, SealError
 from berth.guestapi import OPERATIONS, check_arguments
 from berth.paths import guest_dir, replace_file
-from guest import heartbeat
 from guest.agent import own_instance
 from guest.celery_app import app
 from guest.datastores import get_manager

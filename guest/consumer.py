@@ -36,7 +36,8 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import consumer as celery_consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from guest import authn, deadletters
+import guest.authn as authn
+import guest.deadletters as deadletters
 from guest.identity import identity
 
 log = logging.getLogger("berth.guest")

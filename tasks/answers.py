@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
+import tasks.waiting as waiting
 from berth.errors import Malformed
 from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, instance_of, prepare_task_id
 from berth.records import Status
 from berth.steps import ThreadStep
 from berth.untrusted import MAX_ANSWER_BYTES, RateLimitedLog, as_text, one_line
-from tasks import waiting
 from tasks.runtime import records
 from tasks.taskmanager import _activate, prepare_answer
 

@@ -14,12 +14,12 @@ from typing import Any
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
+import tasks.waiting as waiting
 from berth.errors import QueueMissing
 from berth.guestapi import check_pong
 from berth.ids import guest_queue, guest_task_prefix
 from berth.keys import GuestKey, guest_key
 from berth.records import InstanceRecord
-from tasks import waiting
 from tasks.celery_app import app
 from tasks.masking import signing_for
 from tasks.runtime import broker, raw_result_client

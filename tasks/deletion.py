@@ -22,11 +22,13 @@ from typing import Any
 
 from celery import Task
 
+import tasks.channel as channel
+import tasks.heartbeats as heartbeats
+import tasks.waiting as waiting
 from berth.errors import InstanceNotDeleting, InstanceNotFound
 from berth.ids import deadletter_key, guest_task_id
 from berth.records import InstanceRecord, Status
 from berth.untrusted import list_length
-from tasks import channel, heartbeats, waiting
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
 from tasks.runtime import broker, raw_result_client, records, redis_client, setting

@@ -19,6 +19,9 @@ import logging
 import time
 from typing import Any
 
+import tasks.channel as channel
+import tasks.heartbeats as heartbeats
+import tasks.waiting as waiting
 from berth.errors import (
     GuestError,
     GuestTimeout,
@@ -37,7 +40,6 @@ from berth.ids import fresh_guest_task_id, guest_task_prefix, request_tag, resul
 from berth.keys import is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord
 from berth.spec import check_instance_id
-from tasks import channel, heartbeats, waiting
 from tasks.channel import in_seconds
 from tasks.runtime import raw_result_client, records, result_client, setting
 

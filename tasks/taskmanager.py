@@ -20,6 +20,10 @@ from celery import Task, states
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
+import tasks.channel as channel
+import tasks.heartbeats as heartbeats
+import tasks.secrets as secrets
+import tasks.waiting as waiting
 from berth import checkpoints, metrics
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.errors import (
@@ -45,7 +49,6 @@ from berth.keys import is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord, Reason, Status
 from berth.spec import ProvisionRequest, validate_request
 from berth.timing import next_countdown
-from tasks import channel, heartbeats, secrets, waiting
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
 from tasks.runtime import broker, limits, raw_result_client, records, redis_client, setting
