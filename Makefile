@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Debian's packages, installed by `make test` when missing (as root, or through sudo). `make run` needs no browser.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: setup browser run test lint soak bench clean
+.PHONY: setup browser run test lint soak bench screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ lint: setup
 
 test: lint browser
 	$(PY) -m pytest
+
+# Not part of `make test`: refresh docs/flower-tasks.png (the README's picture of Flower) from the browser test.
+screenshot: setup browser
+	BERTH_SCREENSHOT=$(CURDIR)/docs/flower-tasks.png $(PY) -m pytest tests/test_browser.py -n 0
 
 # Not part of `make test`: every benchmark (bench/), its table written to BENCHMARKS.md (under 10 minutes).
 bench: setup

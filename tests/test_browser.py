@@ -4,13 +4,15 @@ End to end with real processes: the session's taskmanager, a real Flower with ba
 provisioning started through Flower's API, and the system's Chromium driven through the
 system's chromedriver (Debian's `chromium` and `chromium-driver`, which `make test` installs: `make browser`).
 Selenium Manager is never used: nothing is downloaded. The test fails, it does not skip, when
-the browser is missing. It leaves a screenshot of the tasks page in docs/flower-tasks.png (the
-README shows it).
+the browser is missing. It leaves a screenshot of the tasks page in tests/artifacts/ (ignored by
+git); `make screenshot` runs it with BERTH_SCREENSHOT=docs/flower-tasks.png to refresh the picture
+the README shows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +33,7 @@ from tests.helpers import FLOWER_AUTH, FlowerClient, basic_auth, wait_for_status
 pytestmark = pytest.mark.usefixtures("taskmanager")
 AUTH = FLOWER_AUTH
 PASSWORD = "Br0wser-Secret-Value-77"
-SCREENSHOT = PROJECT_DIR / "docs" / "flower-tasks.png"
+SCREENSHOT = Path(os.environ.get("BERTH_SCREENSHOT") or PROJECT_DIR / "tests" / "artifacts" / "flower-tasks.png")
 CHAIN_STEPS = ["taskmanager.create_queue", "taskmanager.boot_guest", "taskmanager.ping_guest",
                "taskmanager.send_prepare", "taskmanager.verify"]
 
@@ -153,7 +155,7 @@ def test_a_provisioning_started_from_flower_shows_on_its_tasks_page_in_a_real_br
     assert all(instance_id in r["uuid"] for r in rows if r is not request[0]), rows
     assert PASSWORD not in browser.page_source
     browser.execute_script("document.activeElement.blur()")  # no text cursor in the picture
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))
 
     # A row opens its task: the verify step's args are the instance id, its result the ACTIVE summary.
