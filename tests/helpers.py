@@ -220,3 +220,44 @@ def start_flower(log_path: Path, auth: str, **env: str) -> tuple[Proc, str]:
 
     wait_until(up, 60, interval_s=0.2, message="flower answering")
     return proc, base
+
+
+# --- Message envelopes on a guest queue, as kombu's Redis transport keeps them --------------------
+
+Envelope = dict[str, Any]
+
+
+def push_envelope(client: Any, instance_id: str, item: bytes | Envelope) -> None:
+    """What kombu's Redis transport does to publish (``_put``): LPUSH onto the queue's list."""
+    from berth.ids import guest_queue
+
+    client.lpush(guest_queue(instance_id), item if isinstance(item, bytes) else json.dumps(item))
+
+
+def pop_envelope(client: Any, instance_id: str) -> Envelope:
+    """Take the oldest message waiting in guest.ID off its list (no guest consumes it yet)."""
+    from berth.ids import guest_queue
+
+    item = client.rpop(guest_queue(instance_id))
+    assert item is not None, f"no message waits in guest.{instance_id}"
+    return dict(json.loads(item))
+
+
+def celery_body(*, args: Any = (), kwargs: Any = None, embed: Any = None) -> bytes:
+    """A Celery protocol-2 body: (args, kwargs, embed) as JSON."""
+    return json.dumps([list(args), kwargs or {}, embed]).encode()
+
+
+def body_of(message: Envelope) -> Any:
+    import base64
+
+    return json.loads(base64.b64decode(message["body"]))
+
+
+def with_body(message: Envelope, body: Any) -> Envelope:
+    import base64
+    import copy
+
+    changed = copy.deepcopy(message)
+    changed["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return changed

@@ -28,9 +28,17 @@ from berth.ids import binding_keys, deadletter_key, guest_queue, queue_lists, re
 from berth.keys import SIGNATURE_HEADER
 from guest import deadletters
 from tasks.runtime import redis_client, result_client
-from tests.helpers import Proc, guest_identity, send_to_guest, unique_id, wait_until
+from tests.helpers import (
+    Envelope,
+    Proc,
+    celery_body,
+    guest_identity,
+    push_envelope,
+    send_to_guest,
+    unique_id,
+    wait_until,
+)
 
-Envelope = dict[str, Any]
 ENTRY_FIELDS = {"reason", "error", "task", "id", "content_type", "size", "received_at"}
 
 
@@ -81,13 +89,7 @@ def envelope(genuine: Envelope, instance_id: str, body: bytes, *, task: object =
     return message
 
 
-def push(client: redis.Redis, instance_id: str, item: bytes | Envelope) -> None:
-    """What kombu's Redis transport does to publish (``_put``): LPUSH onto the queue's list."""
-    client.lpush(guest_queue(instance_id), item if isinstance(item, bytes) else json.dumps(item))
-
-
-def celery_body(*, args: Any = (), kwargs: Any = None, embed: Any = None) -> bytes:
-    return json.dumps([list(args), kwargs or {}, embed]).encode()
+push = push_envelope
 
 
 def ping(instance_id: str, name: str) -> Any:

@@ -40,11 +40,21 @@ from berth.records import Records, Status
 from guest import deadletters
 from tasks import app
 from tasks.runtime import redis_client, result_client
-from tests.helpers import Proc, guest_identity, send_to_guest, wait_for_status, wait_until
+from tests.helpers import (
+    Envelope,
+    Proc,
+    body_of,
+    guest_identity,
+    pop_envelope,
+    push_envelope,
+    send_to_guest,
+    wait_for_status,
+    wait_until,
+    with_body,
+)
 from workflows import provision_chain
 
 pytestmark = pytest.mark.usefixtures("taskmanager")
-Envelope = dict[str, Any]
 
 
 def as_guest(instance_id: str) -> redis.Redis:
@@ -204,25 +214,8 @@ def test_delete_revokes_the_guests_user(new_id: Callable[[str], str], records: R
 # --- Messages: only what the taskmanager signed for this guest, once, in time --------------------
 
 
-def pop_envelope(instance_id: str) -> Envelope:
-    """Take the one message waiting in guest.ID off its list (no guest consumes it yet)."""
-    item = redis_client().rpop(guest_queue(instance_id))
-    assert isinstance(item, str)
-    return dict(json.loads(item))
-
-
 def push(instance_id: str, message: Envelope) -> None:
-    redis_client().lpush(guest_queue(instance_id), json.dumps(message))
-
-
-def body_of(message: Envelope) -> Any:
-    return json.loads(base64.b64decode(message["body"]))
-
-
-def with_body(message: Envelope, body: Any) -> Envelope:
-    changed = copy.deepcopy(message)
-    changed["body"] = base64.b64encode(json.dumps(body).encode()).decode()
-    return changed
+    push_envelope(redis_client(), instance_id, message)
 
 
 def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_and_the_guest_goes_on(
@@ -233,11 +226,11 @@ def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_an
     results = result_client()
     # Genuine messages, signed as the taskmanager signs them; taken off the list to be altered.
     send_to_guest(mine, "guest.ping", "genuine")
-    genuine = pop_envelope(mine)
+    genuine = pop_envelope(redis_client(), mine)
     send_to_guest(other, "guest.ping", "for-other")
-    for_other = pop_envelope(other)
+    for_other = pop_envelope(redis_client(), other)
     send_to_guest(mine, "guest.ping", "late", expires=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
-    expired = pop_envelope(mine)
+    expired = pop_envelope(redis_client(), mine)
 
     def variant(name: str, change: Callable[[Envelope], None]) -> Envelope:
         message = copy.deepcopy(genuine)
