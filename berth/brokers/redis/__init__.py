@@ -36,23 +36,19 @@ class RedisBroker(Broker):
 
     @functools.cached_property
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.broker_url, decode_responses=True, socket_connect_timeout=2.0,
-                                    socket_timeout=10.0, health_check_interval=30)
+        return _connect(self.broker_url, decode=True)
 
     @functools.cached_property
     def raw(self) -> redis.Redis:
-        return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                    health_check_interval=30)
+        return _connect(self.broker_url, decode=False)
 
     @functools.cached_property
     def results(self) -> redis.Redis:
-        return redis.Redis.from_url(self.result_backend, decode_responses=True, socket_connect_timeout=2.0,
-                                    socket_timeout=10.0, health_check_interval=30)
+        return _connect(self.result_backend, decode=True)
 
     @functools.cached_property
     def raw_results(self) -> redis.Redis:
-        return redis.Redis.from_url(self.result_backend, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                    health_check_interval=30)
+        return _connect(self.result_backend, decode=False)
 
     def _servers(self) -> list[redis.Redis]:
         """The broker, and the result backend when it is another server."""
@@ -125,6 +121,11 @@ class RedisBroker(Broker):
 
     def limit_warnings(self) -> list[str]:
         return limit_warnings(self.client)
+
+
+def _connect(url: str, *, decode: bool) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=decode, socket_connect_timeout=2.0, socket_timeout=10.0,
+                                health_check_interval=30)
 
 
 def _own_queue_lookup(instance_id: str) -> None:

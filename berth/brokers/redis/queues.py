@@ -72,19 +72,10 @@ def result_keys(client: redis.Redis, instance_id: str) -> list[bytes]:
     """Every stored result whose task id names the instance, as the key's bytes.
 
     Task ids start with ``<id>.`` and ids hold no dot, so ``db-1`` never matches ``db-10``'s.
-    Bytes, whatever ``client`` decodes: a guest may store results under any bytes after its
-    prefix, and such a name must neither stop the scan nor be missed by it.
+    ``client`` returns bytes: a guest may store results under any bytes after its prefix, and
+    such a name must neither stop the scan nor be missed by it.
     """
-    raw = redis.Redis(connection_pool=_bytes_pool(client))
-    return [bytes(k) for k in raw.scan_iter(match=f"{RESULT_KEY_PREFIX}{instance_id}.*", count=1000)]
-
-
-def _bytes_pool(client: redis.Redis) -> redis.ConnectionPool:
-    kwargs = client.connection_pool.connection_kwargs
-    if not kwargs.get("decode_responses"):
-        return client.connection_pool
-    return redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
-                                **{**kwargs, "decode_responses": False})
+    return [bytes(k) for k in client.scan_iter(match=f"{RESULT_KEY_PREFIX}{instance_id}.*", count=1000)]
 
 
 def _databases(*clients: redis.Redis) -> list[redis.Redis]:
@@ -102,7 +93,7 @@ def remove_instance_keys(broker: redis.Redis, results: redis.Redis, instance_id:
 
     In each database its guest may select (the broker's and the result backend's: its user may
     select no other) every key that guest could have written goes, whatever its type or the
-    bytes of its name.
+    bytes of its name. Both clients return bytes (`result_keys`).
     """
     removed = 0
     for client in _databases(broker, results):
