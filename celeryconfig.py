@@ -12,7 +12,7 @@ import os
 
 from berth.guestapi import OPERATIONS
 from berth.ids import STEPS, step_task_name
-from berth.paths import broker_url_file
+from berth.paths import broker_url_file, result_url_file
 
 
 def _env_float(name: str, default: float) -> float:
@@ -33,9 +33,30 @@ def _default_broker_url() -> str:
         return "redis://127.0.0.1:6379/0"
 
 
+def _default_result_backend(broker: str) -> str:
+    # Beside RabbitMQ, records and answers live in a Redis: the one `make run` started, if any.
+    if broker.split(":", 1)[0] in ("redis", "rediss"):
+        return broker
+    try:
+        return result_url_file().read_text().strip()
+    except OSError:
+        return "redis://127.0.0.1:6379/0"
+
+
 # --- Broker and result backend -------------------------------------------------------------
+# Redis (redis://, rediss://) or RabbitMQ (amqp://USER:PASSWORD@HOST:PORT/VHOST; several URLs
+# joined by ";" for a cluster). Beside RabbitMQ the result backend must be a Redis: instance
+# records, guests' answers, heartbeats and dead letters live there (docs/rabbitmq.md).
 broker_url = os.environ.get("CELERY_BROKER_URL") or _default_broker_url()
-result_backend = os.environ.get("CELERY_RESULT_BACKEND") or broker_url
+result_backend = os.environ.get("CELERY_RESULT_BACKEND") or _default_result_backend(broker_url)
+_ON_RABBITMQ = broker_url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp")
+# RabbitMQ only: guest queues (and the taskmanager's own) are "classic" or "quorum" (replicated
+# by Raft across a cluster's nodes: what survives the loss of a node). Chosen once per vhost:
+# RabbitMQ refuses to re-declare a queue with another type.
+berth_queue_type = os.environ.get("BERTH_QUEUE_TYPE", "classic")
+# RabbitMQ only: its management HTTP API (users, permissions, connections); comma-separated for
+# a cluster. Unset: http://HOST:15672 for each host of broker_url.
+berth_rabbitmq_api = os.environ.get("BERTH_RABBITMQ_API") or None
 broker_connection_retry_on_startup = True
 # A provisioning request against a broker that is down fails in seconds, not minutes.
 broker_connection_timeout = _env_float("BERTH_BROKER_CONNECT_TIMEOUT_S", 4.0)
@@ -45,7 +66,19 @@ broker_transport_options = {
     # or a long prepare runs twice at once.
     "visibility_timeout": _env_float("BERTH_VISIBILITY_TIMEOUT_S", 3600.0),
     "socket_connect_timeout": 2.0,
+} if not _ON_RABBITMQ else {
+    # Every publish waits for the broker's confirm (a nack raises), at most this many seconds
+    # (berth.config refuses RabbitMQ without them; tasks/masking.py passes the timeout and
+    # `mandatory`, so an unroutable message raises too).
+    "confirm_publish": True,
+    "confirm_timeout": _env_float("BERTH_CONFIRM_TIMEOUT_S", 10.0),
+    # A cluster's URLs are tried in order when a node goes away.
+    "failover_strategy": "round-robin",
 }
+if _ON_RABBITMQ:
+    # The taskmanager's queues are declared with the guests' queue type: on a cluster they must
+    # survive the loss of a node too.
+    task_default_queue_type = berth_queue_type
 # A publish against a broker that is down gives up after ~1.5 s and raises, instead of hanging.
 task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
 # Seconds a task result stays in Redis (delete removes an instance's results earlier).

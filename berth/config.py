@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 from berth.errors import UnsafeSettings
 
 REDIS_SCHEMES = ("redis", "rediss")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+QUEUE_TYPES = ("classic", "quorum")
 # A prepare must be long finished before Redis hands its message to another consumer.
 VISIBILITY_MARGIN_S = 60.0
 # The longest retry countdown of a chain step after a broker error (tasks.taskmanager.Step).
@@ -26,20 +28,62 @@ def _transport(conf: Mapping[str, Any]) -> Mapping[str, Any]:
     return conf.get("broker_transport_options") or {}
 
 
+def scheme_of(url: str) -> str:
+    """The scheme of a broker URL (of its first part, for a failover list ``a;b``)."""
+    return urlparse(str(url or "").split(";")[0]).scheme
+
+
+def on_rabbitmq(conf: Mapping[str, Any]) -> bool:
+    return scheme_of(str(conf.get("broker_url") or "")) in AMQP_SCHEMES
+
+
+def store_url(broker_url: str, result_backend: str) -> str:
+    """The Redis that holds instance records, heartbeats and dead letters: the broker when it is a
+    Redis, else the result backend (beside RabbitMQ)."""
+    return broker_url if scheme_of(broker_url) in REDIS_SCHEMES else result_backend
+
+
 def _backend_problems(conf: Mapping[str, Any]) -> list[str]:
     problems = []
-    for name in ("broker_url", "result_backend"):
-        scheme = urlparse(str(conf.get(name) or "")).scheme
-        if scheme not in REDIS_SCHEMES:
-            problems.append(f"{name} must be a Redis URL (redis:// or rediss://), got scheme {scheme!r}: "
-                            "guest queues, instance records and guest answers are read from Redis")
+    broker = scheme_of(str(conf.get("broker_url") or ""))
+    if broker not in REDIS_SCHEMES + AMQP_SCHEMES:
+        problems.append(f"broker_url must be a Redis or RabbitMQ URL (redis://, rediss://, amqp://, amqps://), "
+                        f"got scheme {broker!r}")
+    backend = scheme_of(str(conf.get("result_backend") or ""))
+    if backend not in REDIS_SCHEMES:
+        problems.append(f"result_backend must be a Redis URL (redis:// or rediss://), got scheme {backend!r}: "
+                        "instance records and guests' answers are read from Redis")
+    if broker in AMQP_SCHEMES:
+        problems += _rabbitmq_problems(conf)
     if _transport(conf).get("global_keyprefix"):
         problems.append("broker_transport_options.global_keyprefix is not supported: per-guest keys "
                         "are named without it")
     return problems
 
 
+def _rabbitmq_problems(conf: Mapping[str, Any]) -> list[str]:
+    problems = []
+    transport = _transport(conf)
+    if not transport.get("confirm_publish"):
+        problems.append("broker_transport_options.confirm_publish must be on with RabbitMQ: without publisher "
+                        "confirms a publish the broker never stored looks sent, and a prepare is lost silently")
+    timeout = transport.get("confirm_timeout")
+    if timeout is None or not 0 < float(timeout) <= 60:
+        problems.append(f"broker_transport_options.confirm_timeout ({timeout!r}) must be between 0 and 60 s: "
+                        "without one a publish may wait for its confirm forever")
+    if not conf.get("task_acks_late") or not conf.get("task_reject_on_worker_lost"):
+        problems.append("task_acks_late and task_reject_on_worker_lost must be on: a step taken by a worker "
+                        "that dies must go back to its queue")
+    queue_type = str(conf.get("berth_queue_type") or "")
+    if queue_type not in QUEUE_TYPES:
+        problems.append(f"berth_queue_type (BERTH_QUEUE_TYPE) must be one of {', '.join(QUEUE_TYPES)}, "
+                        f"got {queue_type!r}")
+    return problems
+
+
 def _visibility_problems(conf: Mapping[str, Any]) -> list[str]:
+    if on_rabbitmq(conf):
+        return []  # RabbitMQ hands a message to another consumer only when the first one's connection closes
     problems = []
     visibility = float(_transport(conf).get("visibility_timeout", 3600))
     deadlines = {name: float(conf.get(f"berth_{name}", 0.0)) for name in DEADLINES}

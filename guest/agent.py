@@ -20,6 +20,7 @@ from celery.signals import task_failure, task_success
 import guest.deadletters as deadletters
 import guest.heartbeat as heartbeat
 from berth import __version__
+from berth.config import store_url
 from berth.errors import InvalidField, InvalidMessage, PrepareError, SealError, WrongInstance
 from berth.paths import guest_dir
 from berth.spec import check_config, check_databases, check_users
@@ -175,7 +176,7 @@ def _dead_letter(instance_id: str, reason: str, error: str, request: Any) -> Non
 
 
 def _broker() -> Any:
-    return redis.Redis.from_url(app.conf.broker_url, socket_connect_timeout=2.0)
+    return redis.Redis.from_url(store_url(app.conf.broker_url, app.conf.result_backend), socket_connect_timeout=2.0)
 
 
 @app.task(name="guest.shutdown", bind=True)

@@ -38,6 +38,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 import guest.authn as authn
 import guest.deadletters as deadletters
+from berth.config import store_url
 from guest.identity import identity
 
 log = logging.getLogger("berth.guest")
@@ -376,7 +377,8 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
             return
         try:
             if self._client is None:
-                self._client = redis.Redis.from_url(self.app.conf.broker_url, socket_connect_timeout=2.0,
+                self._client = redis.Redis.from_url(store_url(self.app.conf.broker_url, self.app.conf.result_backend),
+                                                    socket_connect_timeout=2.0,
                                                     socket_timeout=5.0)
             deadletters.push(self._client, instance_id, entry)
         except Exception:  # noqa: BLE001 - the log above keeps it when the broker cannot
@@ -392,6 +394,8 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
         handlers: Any = getattr(channel, "handlers", None)
         transport = getattr(channel, "connection", None)
         read = handlers.get("BRPOP") if isinstance(handlers, dict) else None
+        if read is None and type(channel).__module__.startswith("amqp."):
+            return  # AMQP frames the envelope itself: an undecodable body reaches on_decode_error
         if read is None or transport is None or not hasattr(transport, "_deliver"):
             log.warning("broker transport %s is not kombu's Redis: unreadable messages are not dead-lettered",
                         type(transport).__name__)

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from berth import __version__
+from berth.config import store_url
 from berth.ids import heartbeat_key
 from berth.paths import guest_dir, replace_file
 from berth.steps import ThreadStep
@@ -93,7 +94,7 @@ class Heartbeat(ThreadStep):
         conf = worker.app.conf
         if not conf.berth_instance_id:
             return
-        reporter = Reporter(conf.berth_instance_id, conf.broker_url)
+        reporter = Reporter(conf.berth_instance_id, store_url(conf.broker_url, conf.result_backend))
         interval = float(conf.berth_heartbeat_interval_s)
 
         def run() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 
+from berth.config import store_url
 from berth.errors import Malformed
 from berth.ids import HEARTBEAT_INDEX_KEY, RECORD_INDEX_KEY, heartbeat_key, record_key
 from berth.keys import guest_key
@@ -227,7 +228,8 @@ class HeartbeatMonitor(ThreadStep):
     def start(self, worker: Any) -> None:
         conf = worker.app.conf
         # Bytes, not text: the heartbeat lists hold whatever their guests pushed.
-        client = redis.Redis.from_url(conf.broker_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+        client = redis.Redis.from_url(store_url(conf.broker_url, conf.result_backend), socket_connect_timeout=2.0,
+                                      socket_timeout=10.0)
         monitor = Monitor(client, float(conf.berth_heartbeat_expiry_s))
         period = float(conf.berth_heartbeat_check_s)
 

@@ -10,6 +10,10 @@ In the same place, every password a message carries is sealed (`berth.keys.seal_
 for a guest by the taskmanager with that guest's key), so that no queue, no AOF and no
 unacknowledged-message hash holds one in plaintext; and a message to a guest published inside
 `signing_for` gets its signature header (see `berth.keys.GuestKey.sign` and guest/authn.py).
+
+On RabbitMQ every task message is also published ``mandatory`` and waits at most
+``confirm_timeout`` for its publisher confirm (celeryconfig): a nack, an unroutable message or a
+confirm that never comes raises instead of passing for sent.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from celery.app.amqp import AMQP
 from celery.utils.saferepr import saferepr
 
+from berth.config import on_rabbitmq
 from berth.errors import InvalidRequest
 from berth.keys import SIGNATURE_HEADER, GuestKey, is_sealed, seal_at_rest
 
@@ -85,6 +90,20 @@ POSITIONAL_LIMITS = {"workflows.create_user": 2, "guest.create_user": 1}
 
 
 class MaskingAMQP(AMQP):
+    def _create_task_sender(self) -> Any:
+        send = super()._create_task_sender()
+        conf = self.app.conf
+        if not on_rabbitmq(conf):
+            return send
+        confirm_timeout = (conf.broker_transport_options or {}).get("confirm_timeout")
+
+        def send_confirmed(producer: Any, name: str, message: Any, **options: Any) -> Any:
+            options.setdefault("mandatory", True)
+            if options.get("confirm_timeout") is None:
+                options["confirm_timeout"] = confirm_timeout
+            return send(producer, name, message, **options)
+        return send_confirmed
+
     def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
                    *rest: Any, **options: Any) -> Any:
         limit = POSITIONAL_LIMITS.get(name)

@@ -29,6 +29,7 @@ import redis
 from celery import Celery, bootsteps
 from celery.worker.control import inspect_command
 
+from berth.config import store_url
 from berth.errors import KeyProblem, NodeNameTaken
 from berth.ids import NODES_KEY, lease_key, node_unacked_keys
 from berth.keys import check_master_key
@@ -168,7 +169,8 @@ class OwnUnacked(bootsteps.StartStopStep):
         app = worker.app
         nodename = worker.hostname
         ttl_s = float(app.conf.berth_node_lease_s)
-        client = redis.Redis.from_url(app.conf.broker_url, decode_responses=True, socket_connect_timeout=2.0)
+        client = redis.Redis.from_url(store_url(app.conf.broker_url, app.conf.result_backend), decode_responses=True,
+                                      socket_connect_timeout=2.0)
         lease = Lease(app, client, nodename, ttl_s)
         try:
             check_master_key(client)

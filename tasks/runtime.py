@@ -1,4 +1,5 @@
-"""Per-process handles on the broker's Redis, built lazily from the app's settings."""
+"""Per-process handles on the broker and on the store (the Redis of records and answers: the broker
+itself when it is a Redis, else the result backend), built lazily from the app's settings."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ from typing import Any
 import redis
 
 from berth.brokers import Broker, broker_for
+from berth.config import store_url
 from berth.keys import guest_key
 from berth.records import Records
 from tasks.celery_app import app
 
 
+def store() -> str:
+    """The URL of the Redis that holds instance records, heartbeats and dead letters."""
+    return store_url(app.conf.broker_url, app.conf.result_backend)
+
+
 @functools.cache
 def redis_client() -> redis.Redis:
-    """A decoded client on the broker's Redis (redis-py reopens its pool after a fork)."""
-    return redis.Redis.from_url(app.conf.broker_url, decode_responses=True,
+    """A decoded client on the store (redis-py reopens its pool after a fork)."""
+    return redis.Redis.from_url(store(), decode_responses=True,
                                 socket_connect_timeout=2.0, health_check_interval=30)
 
 
@@ -29,8 +36,8 @@ def result_client() -> redis.Redis:
 
 @functools.cache
 def raw_redis_client() -> redis.Redis:
-    """A client on the broker's Redis that returns bytes: for what a guest may have written."""
-    return redis.Redis.from_url(app.conf.broker_url, socket_connect_timeout=2.0, health_check_interval=30)
+    """A client on the store that returns bytes: for what a guest may have written."""
+    return redis.Redis.from_url(store(), socket_connect_timeout=2.0, health_check_interval=30)
 
 
 @functools.cache
@@ -42,7 +49,8 @@ def raw_result_client() -> redis.Redis:
 @functools.cache
 def broker() -> Broker:
     """This process's broker, behind the seam (berth/brokers)."""
-    return broker_for(app.conf.broker_url, app.conf.result_backend)
+    return broker_for(app.conf.broker_url, app.conf.result_backend, queue_type=app.conf.berth_queue_type,
+                      rabbitmq_api=app.conf.berth_rabbitmq_api)
 
 
 def guest_env(instance_id: str, request_id: str) -> dict[str, str]:

@@ -3,8 +3,9 @@
 The taskmanager, the guest agent and the command line reach the broker only through a `Broker`
 (`broker_for`); everything that knows a broker's internals (how a queue is declared and removed,
 where unacknowledged messages sit, how a guest's credentials are made) lives in one package per
-broker below this one: `berth.brokers.redis`. Publishing and consuming stay Celery's (kombu picks
-the transport from the URL); this interface is what Celery does not cover.
+broker below this one: `berth.brokers.redis` and `berth.brokers.rabbitmq`. Publishing and
+consuming stay Celery's (kombu picks the transport from the URL); this interface is what Celery
+does not cover.
 """
 
 from __future__ import annotations
@@ -12,16 +13,29 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from berth.brokers.base import Broker, LiveGuests
+from berth.brokers.rabbitmq import RabbitBroker
 from berth.brokers.redis import RedisBroker
+from berth.config import AMQP_SCHEMES, REDIS_SCHEMES
 from berth.errors import UnsupportedBroker
 
 
-def broker_for(broker_url: str, result_backend: str) -> Broker:
-    """The `Broker` for a Celery broker URL (and the result backend beside it)."""
-    scheme = urlparse(broker_url).scheme
-    if scheme in ("redis", "rediss"):
+def broker_for(broker_url: str, result_backend: str, *, queue_type: str = "classic",
+               rabbitmq_api: str | None = None) -> Broker:
+    """The `Broker` for a Celery broker URL (and the result backend beside it).
+
+    ``queue_type`` and ``rabbitmq_api`` matter to RabbitMQ only (``berth_queue_type``,
+    ``berth_rabbitmq_api`` in celeryconfig)."""
+    scheme = urlparse(broker_url.split(";")[0]).scheme
+    if scheme in REDIS_SCHEMES:
         return RedisBroker(broker_url, result_backend)
-    raise UnsupportedBroker(f"no broker implementation for {scheme!r} URLs (redis:// and rediss:// are served)")
+    if scheme in AMQP_SCHEMES:
+        backend = urlparse(result_backend).scheme
+        if backend not in REDIS_SCHEMES:
+            raise UnsupportedBroker(f"a RabbitMQ broker needs a Redis result backend (records and guests' "
+                                    f"answers live there), got {backend!r}")
+        return RabbitBroker(broker_url, result_backend, queue_type=queue_type, api=rabbitmq_api)
+    raise UnsupportedBroker(f"no broker implementation for {scheme!r} URLs "
+                            f"(served: {', '.join(s + '://' for s in REDIS_SCHEMES + AMQP_SCHEMES)})")
 
 
-__all__ = ["Broker", "LiveGuests", "RedisBroker", "UnsupportedBroker", "broker_for"]
+__all__ = ["Broker", "LiveGuests", "RabbitBroker", "RedisBroker", "UnsupportedBroker", "broker_for"]

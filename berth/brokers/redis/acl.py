@@ -70,11 +70,12 @@ def user_name(instance_id: str) -> str:
     return f"guest.{instance_id}"
 
 
-def key_patterns(instance_id: str) -> list[str]:
+def key_patterns(instance_id: str, *, queue: bool = True) -> list[str]:
     """Exact names, but for results (their task ids are the taskmanager's to choose): each priority
-    list by name, never ``guest.ID\x06\x16*``, which would let a guest make keys of any suffix."""
-    return [*queue_lists(instance_id), *unacked_keys(instance_id).values(),
-            f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id),
+    list by name, never ``guest.ID\x06\x16*``, which would let a guest make keys of any suffix.
+    Without ``queue`` (Redis only as the store beside another broker), no queue or unacked keys."""
+    own_queue = [*queue_lists(instance_id), *unacked_keys(instance_id).values()] if queue else []
+    return [*own_queue, f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*", deadletter_key(instance_id),
             heartbeat_key(instance_id)]
 
 
@@ -82,10 +83,10 @@ def channel_patterns(instance_id: str) -> list[str]:
     return [f"{RESULT_KEY_PREFIX}{guest_task_prefix(instance_id)}*"]
 
 
-def acl_rules(instance_id: str, password: str, databases: tuple[int, ...] = (0,)) -> list[str]:
+def acl_rules(instance_id: str, password: str, databases: tuple[int, ...] = (0,), *, queue: bool = True) -> list[str]:
     """ACL SETUSER arguments: only these keys, channels, commands and databases, and this password."""
     return ["reset", "on", f">{password}", "resetkeys", "resetchannels", "-@all",
-            *(f"~{p}" for p in key_patterns(instance_id)),
+            *(f"~{p}" for p in key_patterns(instance_id, queue=queue)),
             *(f"&{p}" for p in channel_patterns(instance_id)),
             *(f"+{c}" for c in GUEST_COMMANDS),
             *(f"+select|{db}" for db in databases)]
@@ -119,7 +120,7 @@ def _save(client: redis.Redis) -> None:
         log.debug("broker has no ACL file (%s): nothing to save", exc)
 
 
-def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
+def mint(instance_id: str, request_id: str, *clients: redis.Redis, queue: bool = True) -> str:
     """Create (or reset) the guest's ACL user on the broker and the result backend; its name.
 
     The user is not written to the broker's ACL file: ACL SAVE rewrites the whole file (63 ms
@@ -130,12 +131,13 @@ def mint(instance_id: str, request_id: str, *clients: redis.Redis) -> str:
     error as a connection error).
     """
     for server in distinct_servers(*clients):
-        _mint_on(server, instance_id, request_id, databases_on(server, *clients))
+        _mint_on(server, instance_id, request_id, databases_on(server, *clients), queue=queue)
     return user_name(instance_id)
 
 
-def _mint_on(server: redis.Redis, instance_id: str, request_id: str, databases: tuple[int, ...]) -> None:
-    rules = acl_rules(instance_id, acl_password(instance_id, request_id), databases)
+def _mint_on(server: redis.Redis, instance_id: str, request_id: str, databases: tuple[int, ...], *,
+             queue: bool = True) -> None:
+    rules = acl_rules(instance_id, acl_password(instance_id, request_id), databases, queue=queue)
     server.execute_command("ACL", "SETUSER", user_name(instance_id), *rules)
 
 
@@ -149,7 +151,8 @@ def revoke(instance_id: str, *clients: redis.Redis) -> bool:
     return found
 
 
-def restore_missing(server: redis.Redis, live: Iterable[tuple[str, str]], databases: tuple[int, ...]) -> list[str]:
+def restore_missing(server: redis.Redis, live: Iterable[tuple[str, str]], databases: tuple[int, ...], *,
+                    queue: bool = True) -> list[str]:
     """Mint again, on ``server``, the users of ``live`` guests (instance id, request id) it lacks; their ids.
 
     Guests' users are not saved in an ACL file (`mint`), so a restarted broker, or a restarted
@@ -160,7 +163,7 @@ def restore_missing(server: redis.Redis, live: Iterable[tuple[str, str]], databa
     restored = []
     for instance_id, request_id in live:
         if user_name(instance_id) not in users:
-            _mint_on(server, instance_id, request_id, databases)
+            _mint_on(server, instance_id, request_id, databases, queue=queue)
             restored.append(instance_id)
     if restored:
         where = server.connection_pool.connection_kwargs

@@ -1,0 +1,143 @@
+"""RabbitMQ's management HTTP API, as the taskmanager's administrator user calls it.
+
+Users, permissions, limits and connections are managed only through this API (AMQP has no
+verbs for them). The address is ``BERTH_RABBITMQ_API`` (one URL, or several separated by commas
+for a cluster: each is tried in turn), else ``http://HOST:15672`` for each host of the broker URL.
+The credentials are the broker URL's own. A refusal (401, 403, a missing API) raises
+`berth.errors.BrokerRefused` naming the call and what the broker said; an API that cannot be
+reached raises ``OSError`` (a connection error, retried like any other).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from berth.errors import BrokerRefused
+
+DEFAULT_API_PORT = 15672
+TIMEOUT_S = 10.0
+
+
+def split_urls(broker_url: str) -> list[str]:
+    """The URLs of a failover list (``amqp://a;amqp://b``)."""
+    return [u.strip() for u in broker_url.split(";") if u.strip()]
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names: ``/`` for an empty path or ``//``."""
+    path = urlsplit(url).path
+    vhost = unquote(path[1:]) if path.startswith("/") else unquote(path)
+    return vhost or "/"
+
+
+def api_urls(broker_url: str, configured: str | None) -> list[str]:
+    if configured:
+        return [u.strip().rstrip("/") for u in configured.split(",") if u.strip()]
+    return [f"http://{urlsplit(u).hostname or '127.0.0.1'}:{DEFAULT_API_PORT}" for u in split_urls(broker_url)]
+
+
+class ManagementAPI:
+    def __init__(self, broker_url: str, configured: str | None = None) -> None:
+        first = urlsplit(split_urls(broker_url)[0])
+        self.user = unquote(first.username or "guest")
+        self._password = unquote(first.password or "guest")
+        self.vhost = vhost_of(split_urls(broker_url)[0])
+        self.bases = api_urls(broker_url, configured)
+
+    def _vh(self) -> str:
+        return quote(self.vhost, safe="")
+
+    def call(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        """One API call, on the first address that answers; the decoded JSON (None for 204/404)."""
+        token = base64.b64encode(f"{self.user}:{self._password}".encode()).decode()
+        data = None if body is None else json.dumps(body).encode()
+        last: OSError | None = None
+        for base in self.bases:
+            req = urllib.request.Request(base + path, data=data, method=method,
+                                         headers={"Authorization": f"Basic {token}",
+                                                  "content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404 and missing_ok:
+                    return None
+                if exc.code >= 500:
+                    last = exc  # a node going down: try the next one
+                    continue
+                reason = exc.read()[:300].decode("utf-8", "replace")
+                raise BrokerRefused(f"RabbitMQ management API refused {method} {path} "
+                                    f"as user {self.user!r}: HTTP {exc.code} {reason}") from exc
+            except (urllib.error.URLError, OSError) as exc:
+                last = exc if isinstance(exc, OSError) else OSError(str(exc))
+        raise ConnectionError(f"RabbitMQ management API unreachable at {', '.join(self.bases)}: {last}")
+
+    # --- Users -------------------------------------------------------------------------------------
+
+    def put_user(self, name: str, password: str, *, read: str, write: str = "^$", configure: str = "^$",
+                 max_connections: int, max_channels: int) -> None:
+        """Create or reset a user with no tags, these permissions on the vhost, and these limits."""
+        user = quote(name, safe="")
+        self.call("PUT", f"/api/users/{user}", {"password": password, "tags": ""})
+        self.call("PUT", f"/api/permissions/{self._vh()}/{user}",
+                  {"configure": configure, "write": write, "read": read})
+        # No topic permission: the user may publish nowhere, so no routing key is needed either.
+        self.call("PUT", f"/api/user-limits/{user}/max-connections", {"value": max_connections})
+        self.call("PUT", f"/api/user-limits/{user}/max-channels", {"value": max_channels})
+
+    def delete_user(self, name: str) -> bool:
+        """Delete a user (its permissions and limits go with it); True if it existed."""
+        existed = self.call("GET", f"/api/users/{quote(name, safe='')}", missing_ok=True) is not None
+        self.call("DELETE", f"/api/users/{quote(name, safe='')}", missing_ok=True)
+        return existed
+
+    def user_names(self) -> set[str]:
+        return {str(u["name"]) for u in self.call("GET", "/api/users?columns=name") or []}
+
+    def permissions(self, name: str) -> dict[str, str] | None:
+        answer = self.call("GET", f"/api/permissions/{self._vh()}/{quote(name, safe='')}", missing_ok=True)
+        return None if answer is None else {k: str(answer[k]) for k in ("configure", "write", "read")}
+
+    def close_connections(self, user: str) -> int:
+        """Close every connection of ``user`` (what it holds unacknowledged goes back to its queue)."""
+        closed = 0
+        for conn in self.call("GET", "/api/connections?columns=name,user") or []:
+            if conn.get("user") == user:
+                self.call("DELETE", f"/api/connections/{quote(str(conn['name']), safe='')}", missing_ok=True)
+                closed += 1
+        return closed
+
+    def connections_of(self, user: str) -> int:
+        return sum(1 for c in self.call("GET", "/api/connections?columns=user") or [] if c.get("user") == user)
+
+    def whoami(self) -> dict[str, Any]:
+        return dict(self.call("GET", "/api/whoami") or {})
+
+    # --- Queues ------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> dict[str, Any] | None:
+        answer = self.call("GET", f"/api/queues/{self._vh()}/{quote(name, safe='')}", missing_ok=True)
+        return None if answer is None else dict(answer)
+
+    def queue_names(self, prefix: str) -> list[str]:
+        return [str(q["name"]) for q in self.call("GET", f"/api/queues/{self._vh()}?columns=name") or []
+                if str(q["name"]).startswith(prefix)]
+
+    def exchange_names(self, prefix: str) -> list[str]:
+        return [str(e["name"]) for e in self.call("GET", f"/api/exchanges/{self._vh()}?columns=name") or []
+                if str(e["name"]).startswith(prefix)]
+
+    def alarms(self) -> list[str]:
+        """Memory or disk alarms on any node (publishers are blocked while one is set)."""
+        found = []
+        for node in self.call("GET", "/api/nodes") or []:
+            for alarm in ("mem_alarm", "disk_free_alarm"):
+                if node.get(alarm):
+                    found.append(f"{node.get('name')}: {alarm}")
+        return found
