@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 # tests/test_browser.py drives Flower in a headless Chromium through the system chromedriver:
 # Debian's packages, installed by `make test` when missing (as root, or through sudo). `make run` needs no browser.
 BROWSER_PACKAGES := chromium chromium-driver
+# The broker-facing suite runs a second time on private RabbitMQ nodes (tests/brokers.py): Debian's
+# package, installed by `make test` when missing. Its service is not started by the install.
+RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
 
-.PHONY: setup browser run test lint soak bench screenshot clean
+.PHONY: setup browser rabbitmq run test test-redis test-rabbitmq lint soak bench cluster screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +37,24 @@ browser:
 	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	  { echo "berth: $(BROWSER_PACKAGES) installed but chromium or chromedriver is still not on PATH" >&2; exit 1; }
 
+# Checked on every run; installs Debian's rabbitmq-server without starting its service
+# (policy-rc.d refuses the start): Berth only ever runs private nodes of its own.
+rabbitmq:
+	@if [ -x $(RABBITMQ_SERVER) ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "berth: RabbitMQ is missing ($(RABBITMQ_SERVER)); installing it needs root and apt-get:" \
+	       "as root: apt-get update && apt-get install -y rabbitmq-server" >&2; exit 1; fi; \
+	echo "berth: installing rabbitmq-server (apt-get) for the RabbitMQ half of the suite"; \
+	policy=/usr/sbin/policy-rc.d; made=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod +x $$policy && made=1; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  rabbitmq-server >/dev/null; status=$$?; \
+	if [ -n "$$made" ]; then rm -f $$policy; fi; \
+	[ $$status = 0 ] && [ -x $(RABBITMQ_SERVER) ] || \
+	  { echo "berth: could not install rabbitmq-server (see above)" >&2; exit 1; }
+
 run: setup
+	$(if $(filter rabbitmq,$(BERTH_BROKER)),@$(MAKE) --no-print-directory rabbitmq)
 	$(PY) -m devtools.run
 
 lint: setup
@@ -42,8 +62,21 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint browser
+# The whole suite on Redis, then the broker-facing tests (marked `broker`) and RabbitMQ's own on
+# private RabbitMQ nodes.
+test: lint browser rabbitmq
 	$(PY) -m pytest
+	BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq"
+
+test-redis: setup browser
+	$(PY) -m pytest
+
+test-rabbitmq: setup rabbitmq
+	BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq"
+
+# Three RabbitMQ nodes on this machine, joined, until Ctrl-C: prints the broker URL to use.
+cluster: setup rabbitmq
+	$(PY) -m devtools.rabbitmq cluster
 
 # Not part of `make test`: refresh docs/flower-tasks.png (the README's picture of Flower) from the browser test.
 screenshot: setup browser
@@ -55,7 +88,8 @@ bench: setup
 
 # Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
 soak: setup
-	$(PY) -m bench.soak --cycles $(or $(CYCLES),1000)
+	$(if $(filter rabbitmq,$(BROKER)),@$(MAKE) --no-print-directory rabbitmq)
+	$(PY) -m bench.soak --cycles $(or $(CYCLES),1000) --broker $(or $(BROKER),redis)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache tests/artifacts

@@ -25,6 +25,7 @@ from berth.paths import guest_dir
 from guest.celery_app import app
 from guest.heartbeat import Heartbeat
 from guest.identity import Identity, identity, load_identity
+from guest.promptacks import PromptAcks
 from guest.recovery import hold_agent_lock
 
 
@@ -68,5 +69,7 @@ app.steps["worker"].add(Heartbeat)
 # consumer connects, and again after a lost broker connection.
 for _step in broker_for(app.conf.broker_url, app.conf.result_backend).consumer_steps():
     app.steps["consumer"].add(_step)
+# An acknowledgement goes out in the same turn of the event loop (guest/promptacks.py).
+app.steps["consumer"].add(PromptAcks)
 
 __all__ = ["Identity", "app", "bind_instance", "identity"]

@@ -394,7 +394,7 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
         handlers: Any = getattr(channel, "handlers", None)
         transport = getattr(channel, "connection", None)
         read = handlers.get("BRPOP") if isinstance(handlers, dict) else None
-        if read is None and type(channel).__module__.startswith("amqp."):
+        if read is None and getattr(conn.transport, "driver_type", None) == "amqp":
             return  # AMQP frames the envelope itself: an undecodable body reaches on_decode_error
         if read is None or transport is None or not hasattr(transport, "_deliver"):
             log.warning("broker transport %s is not kombu's Redis: unreadable messages are not dead-lettered",

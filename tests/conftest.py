@@ -37,18 +37,31 @@ def _xdist_controller(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from devtools.broker import EmbeddedRedis
+    from tests.brokers import TestBroker
 
+    config.addinivalue_line("markers", "broker: broker-facing; `make test` runs these on Redis and on RabbitMQ")
+    config.addinivalue_line("markers", "rabbitmq: about RabbitMQ itself; runs only with BERTH_TEST_BROKER=rabbitmq")
+    config.addinivalue_line("markers", "redis: about the Redis broker itself; runs only on Redis")
     if _xdist_controller(config):
         return
     root = Path(tempfile.mkdtemp(prefix="berth-test-"))
     _session["root"] = root
     os.environ["BERTH_HOME"] = str(root / "home")
     if not os.environ.get("CELERY_BROKER_URL"):
-        server = EmbeddedRedis(root / "redis").start()
+        server = TestBroker(root).start()
         _session["server"] = server
-        os.environ["CELERY_BROKER_URL"] = server.url
-        os.environ["CELERY_RESULT_BACKEND"] = server.url
+        os.environ.update(server.env())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) what is about the other broker: each runs in its own session."""
+    from tests.brokers import kind
+
+    other = "redis" if kind() == "rabbitmq" else "rabbitmq"
+    kept = [item for item in items if item.get_closest_marker(other) is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

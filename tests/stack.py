@@ -8,18 +8,19 @@ from pathlib import Path
 
 import redis
 
-from devtools.broker import EmbeddedRedis
 from tasks.drivers import LocalDriver
+from tests.brokers import TestBroker
 from tests.helpers import Proc, celery, project_env, wait_until, workflows_cli
 
 
 class Stack:
-    def __init__(self, root: Path, home: Path | None = None) -> None:
+    def __init__(self, root: Path, home: Path | None = None, *, broker: str | None = None,
+                 queue_type: str = "classic") -> None:
         self.root = root
         self.home = home or root / "home"
-        self.broker = EmbeddedRedis(root / "redis").start()
-        self.env = project_env(CELERY_BROKER_URL=self.broker.url, CELERY_RESULT_BACKEND=self.broker.url,
-                               BERTH_HOME=str(self.home),
+        # The session's broker kind (BERTH_TEST_BROKER) unless the test names one.
+        self.broker = TestBroker(root, broker, queue_type=queue_type).start()
+        self.env = project_env(**self.broker.env(), BERTH_HOME=str(self.home),
                                # Drills: a lapsed node is noticed within a second or two.
                                BERTH_NODE_LEASE_S="3")
         self.taskmanagers: list[Proc] = []
@@ -49,7 +50,8 @@ class Stack:
         return {**self.env, **json.loads(out.stdout)}
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.broker.url, decode_responses=True)
+        """A decoded client on the store (instance records): the broker itself on Redis."""
+        return self.broker.client()
 
     def guests(self) -> LocalDriver:
         return LocalDriver(self.home)

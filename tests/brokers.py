@@ -1,0 +1,76 @@
+"""The broker a test session (or a private stack) runs on: the embedded Redis, or a private
+RabbitMQ node with an embedded Redis beside it as the store (records, answers).
+
+``BERTH_TEST_BROKER=rabbitmq`` picks RabbitMQ (`make test` runs the broker-facing suite, the
+tests marked ``broker``, a second time that way); otherwise Redis. A RabbitMQ node here is always
+a private one on free ports: never a service that happens to run on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import redis
+
+from devtools.broker import EmbeddedRedis
+from devtools.rabbitmq import RabbitNode
+
+
+def kind() -> str:
+    chosen = os.environ.get("BERTH_TEST_BROKER", "redis")
+    if chosen not in ("redis", "rabbitmq"):
+        raise SystemExit(f"BERTH_TEST_BROKER={chosen!r}: expected redis or rabbitmq")
+    return chosen
+
+
+def on_rabbitmq() -> bool:
+    return kind() == "rabbitmq"
+
+
+class TestBroker:
+    """A broker and its store, started under ``root``. `kill` and `start` act on the broker."""
+
+    def __init__(self, root: Path, which: str | None = None, *, queue_type: str = "classic") -> None:
+        self.kind = which or kind()
+        self.queue_type = queue_type
+        self.store = EmbeddedRedis(root / "redis")
+        self.node = RabbitNode(root / "rabbitmq") if self.kind == "rabbitmq" else None
+
+    def start(self) -> TestBroker:
+        """Start whatever of the two is not running (after `kill`: the broker, from its data)."""
+        if self.store.process is None or self.store.process.poll() is not None:
+            self.store.start()
+        if self.node is not None and self.node.pid() is None:
+            self.node.start()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the broker (the RabbitMQ node, or the Redis that is both broker and store)."""
+        if self.node is not None:
+            self.node.kill()
+        else:
+            self.store.kill()
+
+    def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+        self.store.stop()
+
+    @property
+    def url(self) -> str:
+        return self.node.url if self.node is not None else self.store.url
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url
+
+    def env(self) -> dict[str, str]:
+        env = {"CELERY_BROKER_URL": self.url, "CELERY_RESULT_BACKEND": self.store.url}
+        if self.node is not None:
+            env.update(BERTH_RABBITMQ_API=self.node.api, BERTH_QUEUE_TYPE=self.queue_type)
+        return env
+
+    def client(self) -> redis.Redis:
+        """A decoded client on the store (instance records)."""
+        return redis.Redis.from_url(self.store.url, decode_responses=True)
