@@ -82,14 +82,17 @@ cluster: setup rabbitmq
 screenshot: setup browser
 	BERTH_SCREENSHOT=$(CURDIR)/docs/flower-tasks.png $(PY) -m pytest tests/test_browser.py -n 0
 
-# Not part of `make test`: every benchmark (bench/), its table written to BENCHMARKS.md (under 10 minutes).
-bench: setup
+# Not part of `make test`: every benchmark (bench/), latency, fast fail and the wave on Redis and on a private
+# RabbitMQ node side by side, the table written to BENCHMARKS.md (under 20 minutes).
+bench: setup rabbitmq
 	$(PY) -m bench.run
 
 # Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
+# BROKER=redis|rabbitmq|cluster, CYCLES=N; CHAOS_EVERY=S crashes the taskmanager and the broker every ~S seconds.
 soak: setup
-	$(if $(filter rabbitmq,$(BROKER)),@$(MAKE) --no-print-directory rabbitmq)
-	$(PY) -m bench.soak --cycles $(or $(CYCLES),1000) --broker $(or $(BROKER),redis)
+	$(if $(filter rabbitmq cluster,$(BROKER)),@$(MAKE) --no-print-directory rabbitmq)
+	$(PY) -m bench.soak --cycles $(or $(CYCLES),1000) --broker $(or $(BROKER),redis) \
+	  $(if $(CHAOS_EVERY),--chaos-every $(CHAOS_EVERY))
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache tests/artifacts

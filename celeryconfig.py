@@ -12,7 +12,7 @@ import os
 
 from berth.guestapi import OPERATIONS
 from berth.ids import STEPS, step_task_name
-from berth.paths import broker_url_file, result_url_file
+from berth.paths import broker_url_file, rabbitmq_api_file, result_url_file
 
 
 def _env_float(name: str, default: float) -> float:
@@ -56,7 +56,14 @@ _ON_RABBITMQ = broker_url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp")
 berth_queue_type = os.environ.get("BERTH_QUEUE_TYPE", "classic")
 # RabbitMQ only: its management HTTP API (users, permissions, connections); comma-separated for
 # a cluster. Unset: http://HOST:15672 for each host of broker_url.
-berth_rabbitmq_api = os.environ.get("BERTH_RABBITMQ_API") or None
+def _default_rabbitmq_api() -> str | None:
+    try:
+        return rabbitmq_api_file().read_text().strip() or None
+    except OSError:
+        return None
+
+
+berth_rabbitmq_api = os.environ.get("BERTH_RABBITMQ_API") or _default_rabbitmq_api()
 broker_connection_retry_on_startup = True
 # A provisioning request against a broker that is down fails in seconds, not minutes.
 broker_connection_timeout = _env_float("BERTH_BROKER_CONNECT_TIMEOUT_S", 4.0)

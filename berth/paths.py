@@ -22,6 +22,11 @@ def result_url_file() -> Path:
     return berth_home() / "results.url"
 
 
+def rabbitmq_api_file() -> Path:
+    """Where `make run`'s private RabbitMQ node writes its management API's address."""
+    return berth_home() / "rabbitmq-api.url"
+
+
 def broker_url_file() -> Path:
     """Written by the embedded broker so that a second shell finds it without any setting."""
     return berth_home() / "broker.url"

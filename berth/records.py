@@ -67,7 +67,7 @@ JSON_FIELDS = frozenset({"users", "databases", "config", "connection"})
 FLOAT_FIELDS = frozenset({"boot_delay_s", "ping_deadline_s", "prepare_deadline_s"})
 INT_FIELDS = frozenset({"ping_attempts", "boots", "prepare_sent", "prepare_deliveries", "prepare_applied",
                         "prepare_rolled_back", "dead_letters", "keys_removed", "guest_user_revoked", "heartbeat_seq",
-                        "heartbeats"})
+                        "heartbeats", "guest_consumers"})
 
 # KEYS[1] record, KEYS[2] the transition counts (berth.metrics). ARGV: new status, now, number of
 # allowed old statuses, those statuses, then field/value pairs. Returns {1, old, since} when

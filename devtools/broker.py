@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from berth.paths import broker_dir, broker_url_file, create_once, replace_file
+from berth.paths import broker_dir, broker_url_file, create_once, replace_file, result_url_file
 from berth.redis_server import (
     MAX_VALUE,
     MAXMEMORY,
@@ -156,7 +156,9 @@ def serve() -> None:
     port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
     data_dir = private_dir(broker_dir())
     args = server_args(port, data_dir)
-    replace_file(broker_url_file(), admin_url(port, data_dir) + "\n", mode=0o600)
+    # Beside RabbitMQ (`BERTH_BROKER=rabbitmq make run`) this Redis is the store, not the broker.
+    url_file = result_url_file() if os.environ.get("BERTH_BROKER") == "rabbitmq" else broker_url_file()
+    replace_file(url_file, admin_url(port, data_dir) + "\n", mode=0o600)
     # Log to stdout under honcho, so its output shows next to the workers'.
     args[args.index("--logfile") + 1] = ""
     os.execv(args[0], args)

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from berth.errors import BootError
-from berth.paths import berth_home, create_once, replace_file
+from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_file, replace_file
 from devtools.broker import private_dir
 
 SERVER = Path(os.environ.get("BERTH_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server"
@@ -74,12 +74,14 @@ class RabbitNode:
     """One private RabbitMQ node; its admin user's URL is `url`, its management API `api`."""
 
     def __init__(self, data_dir: Path, *, name: str | None = None, ports: tuple[int, int, int] | None = None,
-                 home: Path | None = None, password: str | None = None) -> None:
+                 home: Path | None = None, password: str | None = None, peers: tuple[str, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.amqp_port, self.api_port, self.dist_port = ports or tuple(free_ports(3))
         self.name = name or f"berth-{self.amqp_port}@localhost"
         self.home = Path(home) if home else self.data_dir / "home"
         self._password = password
+        # Other nodes' names: the node joins them at its first boot (classic peer discovery).
+        self.peers = peers
         self.process: subprocess.Popen[bytes] | None = None
 
     # --- Addresses -------------------------------------------------------------------------------
@@ -132,6 +134,9 @@ class RabbitNode:
             "log.console = true",
             "log.console.level = warning",
             "log.file.level = info",
+            *(["cluster_formation.peer_discovery_backend = classic_config",
+               *(f"cluster_formation.classic_config.nodes.{n} = {peer}" for n, peer in enumerate(self.peers, 1))]
+              if self.peers else []),
             "",
         ]), mode=0o600)
         replace_file(d / "enabled_plugins", "[rabbitmq_management].\n")
@@ -144,6 +149,16 @@ class RabbitNode:
         return [str(SERVER)]
 
     def start(self, *, log_to: Path | None = None, timeout_s: float = BOOT_TIMEOUT_S) -> RabbitNode:
+        self.launch(log_to=log_to)
+        try:
+            self.wait_ready(timeout_s)
+        except BootError:
+            self.kill()
+            raise
+        return self
+
+    def launch(self, *, log_to: Path | None = None) -> None:
+        """Start the node's process without waiting for it (`wait_ready`)."""
         problem = server_missing()
         if problem:
             raise BootError(problem)
@@ -152,12 +167,6 @@ class RabbitNode:
         self.process = subprocess.Popen(self.command(), env=self.env(), stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
-        try:
-            self.wait_ready(timeout_s)
-        except BootError:
-            self.kill()
-            raise
-        return self
 
     def wait_ready(self, timeout_s: float = BOOT_TIMEOUT_S) -> None:
         """Until the node serves AMQP and its management API answers for the admin."""
@@ -232,18 +241,33 @@ class RabbitCluster:
         self.root = Path(root)
         home = private_dir(self.root / "home")
         password = create_once(private_dir(self.root) / "admin.secret", secrets.token_urlsafe(24) + "\n").strip()
-        self.nodes = [RabbitNode(self.root / f"node{n}", home=home, password=password) for n in range(1, size + 1)]
+        ports = [tuple(free_ports(3)) for _ in range(size)]
+        names = tuple(f"berth-{p[0]}@localhost" for p in ports)
+        self.nodes = [RabbitNode(self.root / f"node{n}", name=names[n - 1], ports=ports[n - 1],  # type: ignore[arg-type]
+                                 home=home, password=password, peers=names) for n in range(1, size + 1)]
 
-    def start(self, *, logs: Path | None = None) -> RabbitCluster:
-        first, *others = self.nodes
-        first.start(log_to=logs / f"{first.name}.out" if logs else None)
-        for node in others:
-            node.start(log_to=logs / f"{node.name}.out" if logs else None)
-            node.ctl("stop_app")
-            node.ctl("join_cluster", first.name)
-            node.ctl("start_app")
-            node.wait_ready()
+    def start(self, *, logs: Path | None = None, timeout_s: float = BOOT_TIMEOUT_S) -> RabbitCluster:
+        """Boot the nodes side by side; they find each other (classic peer discovery, one cookie)
+        and form one cluster. A node started again later rejoins by itself."""
+        for node in self.nodes:
+            node.launch(log_to=logs / f"{node.name}.out" if logs else None)
+        try:
+            for node in self.nodes:
+                node.wait_ready(timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while len(self.running_nodes()) < len(self.nodes):
+                if time.monotonic() > deadline:
+                    raise BootError(f"the cluster did not form within {timeout_s:.0f} s: running "
+                                    f"{self.running_nodes()}")
+                time.sleep(0.5)
+        except BootError:
+            self.kill()
+            raise
         return self
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
 
     @property
     def urls(self) -> list[str]:
@@ -284,6 +308,9 @@ def serve() -> None:
                                               "BERTH_RABBITMQ_DIST_PORT") if os.environ.get(k))
     node = RabbitNode(rabbitmq_dir(), ports=(ports[0], ports[1], ports[2]) if len(ports) == 3 else None)
     node.start(log_to=rabbitmq_dir() / "server.out")
+    # A second shell finds the node without any setting (celeryconfig reads these files).
+    replace_file(broker_url_file(), node.url + "\n", mode=0o600)
+    replace_file(rabbitmq_api_file(), node.api + "\n")
     print(f"rabbitmq: node {node.name} ready on 127.0.0.1:{node.amqp_port} (management API {node.api})", flush=True)
     _wait_for_signal(node.stop, [node])
 

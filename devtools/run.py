@@ -1,7 +1,8 @@
 """`make run`: the whole of Berth on this machine, with a demo instance, until Ctrl-C.
 
-Starts the embedded broker (unless CELERY_BROKER_URL names one), the taskmanager, the guest API's
-worker and Flower
+Starts the embedded broker (unless CELERY_BROKER_URL names one; with BERTH_BROKER=rabbitmq a
+private RabbitMQ node, with the embedded Redis beside it for records and answers), the
+taskmanager, the guest API's worker and Flower
 from the Procfile with honcho, provisions a demo instance with a local guest and a real
 Redis datastore, prints each status change, how to connect, and Flower's address, then
 waits. Ctrl-C stops everything it started, local guests included.
@@ -20,9 +21,10 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file
+from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file, rabbitmq_api_file, result_url_file
 from berth.redis_server import free_port, redis_cli_command
 from devtools.broker import admin_url, private_dir, wait_until_ready
+from devtools.rabbitmq import RabbitNode, rabbitmq_dir
 
 READY_TIMEOUT_S = 60.0
 DEMO_USER = "app"
@@ -44,12 +46,20 @@ def environment(home: Path) -> tuple[dict[str, str], list[str]]:
                PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
     env.setdefault("BERTH_GUEST_STOP_TIMEOUT_S", "3")
     processes = ["taskmanager", "guestapi", "flower"]
+    if env.get("BERTH_BROKER", "redis") not in ("redis", "rabbitmq"):
+        raise SystemExit(f"error: BERTH_BROKER={env['BERTH_BROKER']!r}: expected redis or rabbitmq")
     if not env.get("CELERY_BROKER_URL"):
         port = free_port()
         env["BERTH_BROKER_PORT"] = str(port)
         private_dir(broker_dir())
         env["CELERY_BROKER_URL"] = admin_url(port, broker_dir())
         processes.insert(0, "broker")
+        if env.get("BERTH_BROKER") == "rabbitmq":
+            node = RabbitNode(rabbitmq_dir())
+            env.update(BERTH_RABBITMQ_PORT=str(node.amqp_port), BERTH_RABBITMQ_API_PORT=str(node.api_port),
+                       BERTH_RABBITMQ_DIST_PORT=str(node.dist_port), CELERY_RESULT_BACKEND=env["CELERY_BROKER_URL"],
+                       CELERY_BROKER_URL=node.url, BERTH_RABBITMQ_API=node.api)
+            processes.insert(1, "rabbitmq")
     env.setdefault("FLOWER_PORT", "5555" if port_free(5555) else str(free_port()))
     env.setdefault("FLOWER_BASIC_AUTH", f"admin:{secrets.token_urlsafe(12)}")
     return env, processes
@@ -135,7 +145,8 @@ def stop(honcho: subprocess.Popen[bytes]) -> None:
     from tasks.drivers import LocalDriver
 
     LocalDriver().stop_all()
-    broker_url_file().unlink(missing_ok=True)
+    for started in (broker_url_file(), result_url_file(), rabbitmq_api_file()):
+        started.unlink(missing_ok=True)
     print("stopped.", flush=True)
 
 
@@ -153,7 +164,11 @@ def main() -> int:
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        wait_until_ready(env["CELERY_BROKER_URL"], timeout_s=READY_TIMEOUT_S)
+        if "broker" in processes:
+            wait_until_ready(admin_url(int(env["BERTH_BROKER_PORT"]), broker_dir()), timeout_s=READY_TIMEOUT_S)
+        if "rabbitmq" in processes:
+            RabbitNode(rabbitmq_dir(), ports=(int(env["BERTH_RABBITMQ_PORT"]), int(env["BERTH_RABBITMQ_API_PORT"]),
+                                              int(env["BERTH_RABBITMQ_DIST_PORT"]))).wait_ready()
         from kombu.utils.url import maybe_sanitize_url
 
         print(f"broker:      {maybe_sanitize_url(env['CELERY_BROKER_URL'])}", flush=True)

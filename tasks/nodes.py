@@ -29,6 +29,7 @@ import redis
 from celery import Celery, bootsteps
 from celery.worker.control import inspect_command
 
+from berth.brokers import CONNECTION_ERRORS
 from berth.config import store_url
 from berth.errors import KeyProblem, NodeNameTaken
 from berth.ids import NODES_KEY, lease_key, node_unacked_keys
@@ -40,6 +41,8 @@ from tasks.reconcile import reconcile
 from tasks.runtime import broker
 
 log = logging.getLogger("berth.nodes")
+# The store or the broker away for a moment: the lease loop waits a stall period, then goes on.
+TRANSIENT: tuple[type[BaseException], ...] = (redis.RedisError, *CONNECTION_ERRORS)
 # Replace the lease only if it still holds the value we expect.
 _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -134,15 +137,16 @@ class Lease:
         check_users = True
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                broker().restore_guests(Records(self.client).live_guests, everywhere=check_users)
-                check_users = False
+                # The lease first: it lives in the store, which may be up while the broker is not.
                 if not self.renew() and not self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
                     log.error("node %s: lost its lease to %s", self.nodename, self.client.get(self.key))
                 self.client.sadd(NODES_KEY, self.nodename)
+                broker().restore_guests(Records(self.client).live_guests, everywhere=check_users)
+                check_users = False
                 self.sweep()
                 if time.monotonic() - self.last_broker_error >= stall_after_s:
                     reconcile(broker(), self.client, stall_after_s)
-            except redis.RedisError as exc:
+            except TRANSIENT as exc:
                 self.last_broker_error = time.monotonic()
                 check_users = True
                 log.warning("node %s: lease not renewed (broker: %s); retrying", self.nodename, exc)

@@ -15,16 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-import redis
 from celery import Task, states
 from celery.exceptions import Reject
-from kombu.exceptions import OperationalError
 
 import tasks.channel as channel
 import tasks.heartbeats as heartbeats
 import tasks.secrets as secrets
 import tasks.waiting as waiting
 from berth import checkpoints, metrics
+from berth.brokers import CONNECTION_ERRORS
 from berth.config import STEP_RETRY_BACKOFF_MAX_S
 from berth.errors import (
     BootFailed,
@@ -44,7 +43,15 @@ from berth.errors import (
     from_invalid_field,
 )
 from berth.guestapi import check_connection, check_count
-from berth.ids import PROVISION_STEPS, TASKMANAGER_QUEUE, ping_task_id, prepare_task_id, result_key, step_task_id
+from berth.ids import (
+    PROVISION_STEPS,
+    TASKMANAGER_QUEUE,
+    guest_queue,
+    ping_task_id,
+    prepare_task_id,
+    result_key,
+    step_task_id,
+)
 from berth.keys import is_sealed, unseal_at_rest
 from berth.records import SERVING, InstanceRecord, Reason, Status
 from berth.spec import ProvisionRequest, validate_request
@@ -160,7 +167,7 @@ class Step(Task):
     """
 
     throws = (ProvisioningError,)
-    autoretry_for = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
+    autoretry_for = CONNECTION_ERRORS
     retry_backoff = 1
     retry_backoff_max = int(STEP_RETRY_BACKOFF_MAX_S)
 
@@ -330,11 +337,16 @@ def ping_guest(self: Task, instance_id: str) -> str:
     # The first ping waits a moment for a live guest's pong, unless other work waits for the slot.
     wait = attempt == 0 and broker().queue_empty(TASKMANAGER_QUEUE)
     pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=wait)
-    records().update(instance_id, ping_attempts=attempt + 1)
     if pong:
+        records().update(instance_id, ping_attempts=attempt + 1)
         return _guest_ready(instance_id, pong, 1)
+    # RabbitMQ tells whether anything consumes guest.ID (Redis cannot: None): shown while waiting.
+    consumers = broker().consumers(instance_id)
+    records().update(instance_id, ping_attempts=attempt + 1,
+                     **({} if consumers is None else {"guest_consumers": consumers}))
+    nobody = f" (nobody consumes {guest_queue(instance_id)} yet)" if consumers == 0 else ""
     raise self.retry(countdown=countdown, exc=StillWaiting(
-        f"instance {instance_id}: waiting for guest, ping {attempt + 1} unanswered, "
+        f"instance {instance_id}: waiting for guest, ping {attempt + 1} unanswered{nobody}, "
         f"{max(0.0, deadline_at - now):.1f} s left, next ping in {countdown:.2f} s"))
 
 

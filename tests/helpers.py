@@ -120,6 +120,19 @@ def guest_identity(instance_id: str) -> tuple[dict[str, str], Any]:
     return env, guest_key(instance_id, request_id)
 
 
+def drop_guest_queue(instance_id: str) -> None:
+    """Make guest.ID vanish behind the taskmanager's back, on whichever broker the session runs."""
+    from berth.brokers import RabbitBroker
+    from berth.ids import binding_keys
+    from tasks.runtime import broker, redis_client
+
+    current = broker()
+    if isinstance(current, RabbitBroker):
+        current.topology.remove(instance_id)
+    else:
+        redis_client().delete(*binding_keys(instance_id))
+
+
 def guest_env(instance_id: str) -> dict[str, str]:
     """The environment a guest started by hand gets: the project's, with its own user and key."""
     return project_env(**guest_identity(instance_id)[0])

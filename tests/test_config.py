@@ -29,7 +29,7 @@ def test_the_shipped_defaults_are_safe() -> None:
     ({"berth_ping_backoff_cap_s": 1000.0}, ["berth_ping_backoff_cap_s", "visibility_timeout"]),
     ({"result_expires": 60}, ["result_expires", "ping and prepare deadlines"]),
     ({"result_backend": "rpc://"}, ["result_backend", "'rpc'"]),
-    ({"broker_url": "amqp://guest@localhost//"}, ["broker_url", "'amqp'"]),
+    ({"broker_url": "sqs://key:secret@"}, ["broker_url", "'sqs'"]),
     ({"transport": {"global_keyprefix": "x"}}, ["global_keyprefix"]),
     ({"berth_verify_backoff_base_s": 0.0}, ["berth_verify_backoff_base_s"]),
     ({"berth_shutdown_deadline_s": 4000.0}, ["visibility_timeout", "BERTH_SHUTDOWN_DEADLINE_S"]),
@@ -39,6 +39,35 @@ def test_the_shipped_defaults_are_safe() -> None:
 def test_an_unsafe_combination_is_refused_naming_the_settings(changes: dict[str, Any], named: list[str]) -> None:
     problems = check_settings(settings(**changes))
     assert problems, "refused"
+    assert any(all(word in problem for word in named) for problem in problems), problems
+
+
+def rabbitmq_settings(**changes: Any) -> dict[str, Any]:
+    """The shipped settings as they are with CELERY_BROKER_URL=amqp://... (celeryconfig's RabbitMQ branch)."""
+    transport = {"confirm_publish": True, "confirm_timeout": 10.0, **changes.pop("transport", {})}
+    conf = {**settings(), "broker_url": "amqp://berth:secret@rabbit.example:5672/berth",
+            "result_backend": "redis://:secret@redis.example:6379/0", "berth_queue_type": "quorum"}
+    return {**conf, "broker_transport_options": transport, **changes}
+
+
+def test_rabbitmq_with_confirms_and_a_redis_store_is_safe() -> None:
+    assert check_settings(rabbitmq_settings()) == []
+    # A cluster's failover list of URLs, too.
+    assert check_settings(rabbitmq_settings(broker_url="amqp://a:b@h1:5672//;amqp://a:b@h2:5672//")) == []
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"transport": {"confirm_publish": False}}, ["confirm_publish", "lost silently"]),
+    ({"transport": {"confirm_timeout": None}}, ["confirm_timeout", "forever"]),
+    ({"transport": {"confirm_timeout": 0}}, ["confirm_timeout"]),
+    ({"result_backend": "rpc://"}, ["result_backend", "'rpc'"]),
+    ({"result_backend": "amqp://berth:secret@rabbit.example//"}, ["result_backend", "'amqp'"]),
+    ({"berth_queue_type": "stream"}, ["berth_queue_type", "BERTH_QUEUE_TYPE", "'stream'"]),
+    ({"task_acks_late": False}, ["task_acks_late"]),
+])
+def test_an_unsafe_rabbitmq_combination_is_refused_naming_the_settings(changes: dict[str, Any],
+                                                                      named: list[str]) -> None:
+    problems = check_settings(rabbitmq_settings(**changes))
     assert any(all(word in problem for word in named) for problem in problems), problems
 
 

@@ -17,7 +17,7 @@ from tasks.runtime import redis_client
 from tests.helpers import Proc, wait_for_status, wait_until, workflows_cli
 from workflows import submit
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 
 
 def keys_naming(instance_id: str) -> list[str]:

@@ -16,10 +16,14 @@ import pytest
 
 from berth.records import InstanceRecord, Records
 from tasks.drivers import LocalDriver
+from tests.brokers import on_rabbitmq
 from tests.helpers import Proc, guest_command, guest_journal, unique_id, wait_for_status, wait_until
 from tests.stack import Stack
 
-ITERATIONS = 2
+pytestmark = pytest.mark.broker
+
+# Each drill runs twice on Redis; once on RabbitMQ, whose session repeats the broker-facing suite.
+ITERATIONS = 1 if on_rabbitmq() else 2
 
 
 
@@ -116,7 +120,8 @@ def test_taskmanager_killed_at_a_crash_point_resumes_the_chain_on_restart(
     final = assert_applied_once(stack, instance_id, active_when_killed=status_when_killed == "ACTIVE")
     assert final["boots"] == 1, "the guest was booted once"
     assert final["prepare_sent"] == 1, "prepare was published once, before the crash or after it"
-    assert "restored" in stack.taskmanagers[-1].log(), "the restarted node took its messages back at once"
+    if stack.broker.kind == "redis":  # RabbitMQ requeues what a closed connection held by itself
+        assert "restored" in stack.taskmanagers[-1].log(), "the restarted node took its messages back at once"
 
 
 @pytest.mark.parametrize("iteration", range(ITERATIONS))
@@ -178,7 +183,8 @@ def test_guest_killed_mid_prepare_gets_it_again_on_restart_and_applies_it_once(s
     try:
         final = assert_applied_once(stack, instance_id)
         assert final["prepare_deliveries"] == 2, "delivered again after the crash, applied once"
-        assert "restored 1 message(s)" in restarted.log()
+        if stack.broker.kind == "redis":  # RabbitMQ requeued it when the killed guest's connection closed
+            assert "restored 1 message(s)" in restarted.log()
     finally:
         restarted.stop()
 

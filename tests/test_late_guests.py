@@ -10,7 +10,7 @@ from berth.records import Reason, Records, Status
 from tests.helpers import wait_for_status, wait_until
 from workflows import provision_chain
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 LATE = 100
 
 

@@ -18,9 +18,13 @@ from berth.paths import PROJECT_DIR
 from berth.records import Records
 from berth.redis_server import free_port
 from tasks.drivers import group_alive
+from tasks.runtime import broker
+from tests.brokers import on_rabbitmq
 from tests.helpers import project_env, send_to_guest, wait_until
 from tests.stack import Stack
 from workflows import provision_chain
+
+pytestmark = pytest.mark.broker
 
 
 def test_local_guests_stop_with_the_taskmanager_that_booted_them(stack: Stack) -> None:
@@ -34,6 +38,7 @@ def test_local_guests_stop_with_the_taskmanager_that_booted_them(stack: Stack) -
     wait_until(lambda: not group_alive(pid), 15, message="guest and its datastore gone")
 
 
+@pytest.mark.redis  # RabbitMQ's: tests/test_rabbitmq.py
 def test_a_broker_that_is_down_gives_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = project_env(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url, BERTH_HOME=str(tmp_path))
@@ -71,6 +76,7 @@ def test_get_status_reports_whether_the_datastore_answers(new_id: Callable[[str]
 def test_a_second_agent_for_the_same_instance_refuses_to_start(new_id: Callable[[str], str],
                                                                start_guest: Callable[[str], Any]) -> None:
     instance_id = new_id("solo")
+    broker().declare_guest_queue(instance_id)  # a guest consumes only a queue that exists
     first = start_guest(instance_id)
     wait_until(lambda: " ready." in first.log(), 30, message="first agent ready")
     second = start_guest(instance_id)
@@ -84,10 +90,13 @@ def test_a_guest_refuses_to_start_with_unsafe_settings(new_id: Callable[[str], s
     from tests.helpers import Proc, guest_command
 
     instance_id = new_id("unsafe")
-    env = project_env(BERTH_VISIBILITY_TIMEOUT_S="30")
+    # Redis: a visibility timeout shorter than a prepare; RabbitMQ: publisher confirms without a timeout.
+    setting, complaint = (("BERTH_CONFIRM_TIMEOUT_S", "confirm_timeout (0.0)") if on_rabbitmq()
+                          else ("BERTH_VISIBILITY_TIMEOUT_S", "visibility_timeout (30 s"))
+    env = project_env(**{setting: "0" if on_rabbitmq() else "30"})
     guest = Proc(guest_command(instance_id), session_root / "logs" / f"unsafe-{instance_id}.log", env=env)
     assert guest.popen.wait(timeout=30) != 0
-    assert "refused to start: unsafe settings" in guest.log() and "visibility_timeout (30 s" in guest.log()
+    assert "refused to start: unsafe settings" in guest.log() and complaint in guest.log()
 
 
 def test_the_local_driver_never_takes_a_machine_from_another_provisioning(tmp_path: Path) -> None:

@@ -66,3 +66,34 @@ def test_make_run_provisions_a_demo_instance_then_stops_everything_on_ctrl_c(tmp
     assert launcher.popen.returncode == 0, launcher.log()
     assert "stopped." in launcher.log()
     wait_until(lambda: not processes_with_env(str(home)), 20, message="every started process gone")
+
+
+@pytest.mark.rabbitmq
+def test_make_run_on_rabbitmq_starts_a_private_node_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+    home = tmp_path / "berth-home"
+    env = project_env(BERTH_HOME=str(home), FLOWER_PORT=str(free_port()), BERTH_BROKER="rabbitmq")
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "BERTH_RABBITMQ_API", "BERTH_QUEUE_TYPE"):
+        env.pop(name, None)
+    launcher = Proc([sys.executable, "-m", "devtools.run"], tmp_path / "run.out", env=env)
+    try:
+        wait_until(lambda: "press Ctrl-C" in launcher.log() or not launcher.alive(), 180, interval_s=0.2,
+                   message="make run ready")
+        out = launcher.log()
+        for line in ("broker:      amqp://berth-admin:**@127.0.0.1:", "demo-1: queue guest.demo-1 created",
+                     "demo-1: ACTIVE", "connected as app: app:greeting = 'hello from berth'"):
+            assert line in out, out
+        assert (home / "rabbitmq" / "mnesia").is_dir(), "the node keeps its data under BERTH_HOME"
+        assert (home / "rabbitmq" / "admin.secret").stat().st_mode & 0o077 == 0
+        # A second shell needs no setting: the broker, the store and the API are found from BERTH_HOME.
+        second = project_env(BERTH_HOME=str(home))
+        for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "BERTH_RABBITMQ_API"):
+            second.pop(name, None)
+        shown = subprocess.run([sys.executable, "-m", "workflows", "show", "demo-1"], capture_output=True, text=True,
+                               env=second, timeout=60)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert '"guest_consumers": 1' in shown.stdout and '"status": "ACTIVE"' in shown.stdout
+    finally:
+        launcher.popen.send_signal(signal.SIGINT)
+        launcher.popen.wait(timeout=90)
+    assert launcher.popen.returncode == 0, launcher.log()
+    wait_until(lambda: not processes_with_env(str(home)), 30, message="every started process gone, the node too")

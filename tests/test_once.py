@@ -12,19 +12,26 @@ import pytest
 import redis
 from celery import chain
 
-from berth.brokers.redis import queues
 from berth.errors import InstanceExists, PrepareTimeout, QueueMissing
-from berth.ids import binding_keys, prepare_task_id, step_task_id
+from berth.ids import prepare_task_id, step_task_id
 from berth.records import Reason, Records, Status
 from guest import deadletters
 from tasks import channel
-from tasks.runtime import redis_client
+from tasks.runtime import broker, redis_client
 from tasks.taskmanager import create_queue, send_prepare, verify
-from tests.helpers import Proc, guest_identity, guest_journal, send_to_guest, wait_for_status, wait_until
+from tests.helpers import (
+    Proc,
+    drop_guest_queue,
+    guest_identity,
+    guest_journal,
+    send_to_guest,
+    wait_for_status,
+    wait_until,
+)
 from tests.stack import Stack
 from workflows import provision_chain
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 
 
 def test_provisioning_the_same_id_twice_from_python_is_refused(new_id: Callable[[str], str],
@@ -85,7 +92,7 @@ def test_a_guest_that_appears_after_a_prepare_timeout_runs_no_stale_prepare(
 def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[str], str],
                                                            start_guest: Callable[[str], Proc]) -> None:
     instance_id = new_id("exp")
-    queues.declare(redis_client(), instance_id)
+    broker().declare_guest_queue(instance_id)
     expires_at = time.time() + 0.5
     stale = send_to_guest(instance_id, "guest.prepare", "prepare.x",
                           kwargs={"instance_id": instance_id, "datastore": "noop", "users": [], "databases": [],
@@ -102,7 +109,7 @@ def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_i
         new_id: Callable[[str], str], records: Records, taskmanager: Proc) -> None:
     instance_id = new_id("oops")
     create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"}).get(timeout=20)
-    redis_client().delete(*binding_keys(instance_id))  # the queue vanished behind the taskmanager's back
+    drop_guest_queue(instance_id)  # the queue vanished behind the taskmanager's back
     request_id = records.get(instance_id)["request_id"]  # type: ignore[index]
     stray = send_prepare.apply_async(args=[instance_id])  # not the instance's own chain: changes nothing
     with pytest.raises(QueueMissing):

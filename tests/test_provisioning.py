@@ -18,7 +18,7 @@ from berth.records import Reason, Records, Status
 from tests.helpers import celery, project_env, send_to_guest, wait_for_status, wait_until
 from workflows import provision_chain
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 STEP_TIMES = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
               "prepare_sent_at", "active_at"]
 

@@ -22,6 +22,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
+from berth.brokers import CONNECTION_ERRORS
 from berth.config import ensure_safe
 from berth.errors import (
     AgentError,
@@ -52,17 +53,20 @@ from guest.launch import agent_command
 from tasks import channel, guestapi, heartbeats
 from tasks.celery_app import app
 from tasks.channel import in_seconds
-from tasks.runtime import guest_env, raw_redis_client, records, setting
+from tasks.runtime import broker, guest_env, raw_redis_client, records, setting
 from tasks.taskmanager import validated
 from workflows import submit, submit_delete
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NO_TASKMANAGER = 0, 1, 2, 3, 4
 WAIT_MARGIN_S = 60.0
+# The broker or the store away (either broker): exit code EXIT_BROKER.
+BROKER_DOWN: tuple[type[BaseException], ...] = (OperationalError, redis.RedisError, *CONNECTION_ERRORS)
 # Berth's errors (berth/errors.py) as exit codes: the first class in this order that one is.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidRequest, EXIT_USAGE), (InvalidInput, EXIT_USAGE), (SetupError, EXIT_USAGE),
     (ProvisioningError, EXIT_FAILED), (AgentError, EXIT_FAILED), (BerthError, EXIT_FAILED),
     (OperationalError, EXIT_BROKER), (redis.RedisError, EXIT_BROKER),
+    *((kind, EXIT_BROKER) for kind in CONNECTION_ERRORS),
 )
 
 
@@ -179,7 +183,7 @@ def cmd_guest_api(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from exc
     except (InstanceNotFound, InstanceNotServing, GuestUnreachable, GuestTimeout, GuestError, QueueMissing) as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
-    except (OperationalError, redis.RedisError) as exc:
+    except BROKER_DOWN as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
     print(json.dumps(answer, indent=2, sort_keys=True))
     return EXIT_OK
@@ -222,7 +226,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         request_id = submit(spec.instance_id, **request)
     except InstanceExists as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
-    except (OperationalError, redis.RedisError) as exc:
+    except BROKER_DOWN as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
     sent = app.AsyncResult(request_id)
     print(f"provisioning {spec.instance_id} (request {request_id})", flush=True)
@@ -255,7 +259,8 @@ def progress_lines(record: InstanceRecord, now: float | None = None) -> list[str
                      f"{at('guest_ready_at')}")
     elif attempts and record.status is Status.BUILD and record.get("ping_deadline_at"):
         left = max(0.0, float(record["ping_deadline_at"]) - now)
-        lines.append(f"waiting for guest: ping {attempts} sent, {left:.1f} s left")
+        nobody = ", nobody consumes its queue yet" if record.get("guest_consumers") == 0 else ""
+        lines.append(f"waiting for guest: ping {attempts} sent, {left:.1f} s left{nobody}")
     if record.get("prepare_sent_at"):
         lines.append(f"prepare sent {at('prepare_sent_at')}")
     if record.status is Status.ACTIVE or record.get("active_at"):
@@ -331,6 +336,11 @@ def describe(record: InstanceRecord) -> dict[str, Any]:
     for name, value in sorted(record.fields.items()):
         data[name] = _iso(value) if name.endswith("_at") and isinstance(value, float) else value
     data["connect"] = connect_hint(record)
+    if record.status is not Status.DELETED:
+        # Consumers of guest.ID, live, where the broker tells (RabbitMQ; not Redis).
+        consumers = broker().consumers(record.instance_id)
+        if consumers is not None:
+            data["guest_consumers"] = consumers
     if record.status in SERVING:
         age = heartbeats.age_s(record)
         data["last_heartbeat_age_s"] = None if age is None else round(age, 1)
@@ -405,7 +415,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         request_id = submit_delete(instance_id)
-    except (OperationalError, redis.RedisError) as exc:
+    except BROKER_DOWN as exc:
         raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
     except InstanceNotFound as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
@@ -462,7 +472,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         pong = channel.ping(record, ping_id, expires=in_seconds(args.timeout), wait_s=args.timeout)
     except QueueMissing as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
-    except (OperationalError, redis.RedisError) as exc:
+    except BROKER_DOWN as exc:
         raise CliError(f"could not send the ping to guest.{instance_id}: {exc}", EXIT_FAILED) from exc
     if pong is None:
         raise CliError(f"guest of {instance_id} did not answer with a pong within {args.timeout:g} s", EXIT_FAILED)
@@ -504,6 +514,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ensure_safe(app.conf)
         return COMMANDS[args.command](args)
-    except (CliError, BerthError, OperationalError, redis.RedisError) as exc:
+    except (CliError, BerthError) + BROKER_DOWN as exc:
         print("error: " + "\n".join(escape(line) for line in str(exc).split("\n")), file=sys.stderr)
         return exc.code if isinstance(exc, CliError) else exit_code(exc)

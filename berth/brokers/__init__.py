@@ -12,11 +12,21 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from amqp.exceptions import RecoverableConnectionError
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from berth.brokers.base import Broker, LiveGuests
 from berth.brokers.rabbitmq import RabbitBroker
 from berth.brokers.redis import RedisBroker
 from berth.config import AMQP_SCHEMES, REDIS_SCHEMES
 from berth.errors import UnsupportedBroker
+
+# A broker (or the store) that is away for a moment, on either broker: retried, never a failure of
+# the work itself. RabbitMQ's management API unreachable raises the builtin ConnectionError.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, OperationalError, ConnectionError, RecoverableConnectionError)
 
 
 def broker_for(broker_url: str, result_backend: str, *, queue_type: str = "classic",
@@ -38,4 +48,5 @@ def broker_for(broker_url: str, result_backend: str, *, queue_type: str = "class
                             f"(served: {', '.join(s + '://' for s in REDIS_SCHEMES + AMQP_SCHEMES)})")
 
 
-__all__ = ["Broker", "LiveGuests", "RabbitBroker", "RedisBroker", "UnsupportedBroker", "broker_for"]
+__all__ = ["CONNECTION_ERRORS", "Broker", "LiveGuests", "RabbitBroker", "RedisBroker", "UnsupportedBroker",
+           "broker_for"]

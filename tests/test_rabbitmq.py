@@ -1,0 +1,258 @@
+"""RabbitMQ itself: guests' users, publisher confirms and `mandatory`, consumers, queue types,
+a broker that is down or refuses. Runs only on RabbitMQ (`make test`'s second session).
+
+The isolation tests of tests/test_isolation.py, translated: guest A's RabbitMQ user may consume
+guest.A and do nothing else, whatever it tries over AMQP.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import amqp
+import pytest
+from amqp.exceptions import AccessRefused, ChannelError, ConnectionForced, NotAllowed
+from kombu.entity import Queue
+
+from berth.brokers import RabbitBroker
+from berth.brokers.rabbitmq.admin import ManagementAPI
+from berth.ids import guest_queue
+from berth.paths import PROJECT_DIR
+from berth.records import Reason, Records, Status
+from devtools.rabbitmq import free_ports
+from guest import deadletters
+from tasks.celery_app import app
+from tasks.runtime import broker, raw_redis_client
+from tests.helpers import Proc, guest_identity, project_env, send_to_guest, wait_until, workflows_cli
+from tests.stack import Stack
+from workflows import provision_chain
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.usefixtures("taskmanager")]
+REFUSED = (AccessRefused, NotAllowed, ConnectionForced, ChannelError)
+
+
+def rabbit() -> RabbitBroker:
+    current = broker()
+    assert isinstance(current, RabbitBroker), "this session runs on RabbitMQ"
+    return current
+
+
+def admin() -> ManagementAPI:
+    return rabbit().admin
+
+
+def connect(url: str) -> amqp.Connection:
+    """A raw AMQP connection with the credentials of ``url`` (the first of a failover list)."""
+    parts = urlsplit(url.split(";")[0])
+    path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    conn = amqp.Connection(f"{parts.hostname}:{parts.port}", userid=unquote(parts.username or ""),
+                           password=unquote(parts.password or ""), virtual_host=path or "/", connect_timeout=5)
+    conn.connect()
+    return conn
+
+
+def attempt(url: str, action: Callable[[Any], Any]) -> str:
+    """Run ``action`` on a fresh channel as the user of ``url``; "allowed" or the broker's refusal.
+
+    A publish is asynchronous in AMQP: a passive declare of the user's own queue after it makes
+    the broker's verdict on the publish arrive before we answer."""
+    conn = connect(url)
+    try:
+        channel = conn.channel()
+        action(channel)
+        channel.basic_qos(0, 1, False)  # a synchronous round trip: a refused publish has closed the channel
+        return "allowed"
+    except REFUSED as exc:
+        return f"refused: {exc}"
+    finally:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a refusal may have closed it already
+            pass
+
+
+def provisioned(instance_id: str) -> dict[str, str]:
+    provision_chain(instance_id, datastore="noop").apply_async().get(timeout=90)
+    return guest_identity(instance_id)[0]
+
+
+def test_a_guests_rabbitmq_user_consumes_its_own_queue_and_nothing_else(new_id: Callable[[str], str]) -> None:
+    a, b = new_id("ra"), new_id("rb")
+    env_a, _ = provisioned(a), provisioned(b)
+    url_a = env_a["CELERY_BROKER_URL"]
+    assert f"amqp://guest.{a}:" in url_a and "berth-admin" not in url_a
+    message = amqp.Message("{}", content_type="application/json")
+    forbidden = {
+        "declare a queue": lambda ch: ch.queue_declare("evil", durable=True),
+        "declare an exchange": lambda ch: ch.exchange_declare("evil", "fanout"),
+        "read B's queue": lambda ch: ch.basic_get(guest_queue(b)),
+        "consume B's queue": lambda ch: ch.basic_consume(guest_queue(b), callback=lambda m: None),
+        "purge B's queue": lambda ch: ch.queue_purge(guest_queue(b)),
+        "read the taskmanager's queue": lambda ch: ch.basic_get("taskmanager"),
+        "read the guest API's queue": lambda ch: ch.basic_get("guestapi"),
+        "publish to B by name (default exchange)": lambda ch: ch.basic_publish(message, "", guest_queue(b)),
+        "publish to the taskmanager (default exchange)": lambda ch: ch.basic_publish(message, "", "taskmanager"),
+        "publish to its own queue": lambda ch: ch.basic_publish(message, "", guest_queue(a)),
+        "publish to amq.direct": lambda ch: ch.basic_publish(message, "amq.direct", "taskmanager"),
+        "publish to amq.topic": lambda ch: ch.basic_publish(message, "amq.topic", "x"),
+        "publish an event": lambda ch: ch.basic_publish(message, "celeryev", "task.succeeded"),
+        "bind its queue to amq.fanout": lambda ch: ch.queue_bind(guest_queue(a), "amq.fanout", ""),
+        "delete its own queue": lambda ch: ch.queue_delete(guest_queue(a)),
+        "delete B's queue": lambda ch: ch.queue_delete(guest_queue(b)),
+    }
+    allowed = {what: verdict for what, action in forbidden.items()
+               if not (verdict := attempt(url_a, action)).startswith("refused")}
+    assert allowed == {}, f"guest A's RabbitMQ user was allowed: {allowed}"
+    assert attempt(url_a, lambda ch: ch.basic_get(guest_queue(a))) == "allowed", "it consumes its own queue"
+    # The user itself: no tags, consume on guest.A only, and a connection limit.
+    perms = admin().permissions(f"guest.{a}")
+    assert perms == {"configure": "^$", "write": "^$", "read": rf"^guest\.{a}$"}
+    # B is untouched and still answers through its own queue.
+    pong = send_to_guest(b, "guest.ping", "ping.after-a").get(timeout=20)
+    assert pong["instance_id"] == b
+
+
+def test_a_guest_user_holds_at_most_a_few_connections(new_id: Callable[[str], str]) -> None:
+    instance_id = new_id("rconn")
+    url = provisioned(instance_id)["CELERY_BROKER_URL"]
+    held: list[amqp.Connection] = []
+    refusal = ""
+    try:
+        for _ in range(6):  # the agent holds one already
+            try:
+                held.append(connect(url))
+            except REFUSED as exc:
+                refusal = str(exc)
+                break
+    finally:
+        for conn in held:
+            conn.close()
+    assert refusal, f"{len(held)} extra connections were all accepted"
+    assert "limit" in refusal.lower(), refusal
+    assert len(held) < 3
+
+
+def test_a_publish_to_a_queue_that_vanished_raises_instead_of_vanishing(new_id: Callable[[str], str]) -> None:
+    instance_id = new_id("rgone")
+    rabbit().declare_guest_queue(instance_id)
+    rabbit().topology.remove(instance_id)
+    # Even past Berth's own check (channel.publish refuses a queue that does not exist),
+    # RabbitMQ returns the unroutable message: `mandatory`, with publisher confirms.
+    with pytest.raises(Exception, match="NO_ROUTE") as caught:
+        app.send_task("guest.ping", kwargs={"instance_id": instance_id}, task_id=f"{instance_id}.guest.lost",
+                      queue=Queue(guest_queue(instance_id), no_declare=True), declare=[], retry=False)
+    assert "312" in str(caught.value) or "NO_ROUTE" in str(caught.value)
+    assert rabbit().topology.inspect(guest_queue(instance_id)) is None, "no queue was invented"
+
+
+def test_rabbitmq_tells_whether_anyone_consumes_a_guest_queue(new_id: Callable[[str], str],
+                                                              start_guest: Callable[[str], Proc]) -> None:
+    instance_id = new_id("rcons")
+    out = workflows_cli("provision", instance_id, "--datastore", "noop", "--boot", "none", "--ping-deadline", "4",
+                        "--wait", timeout_s=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "nobody consumes its queue yet" in out.stdout, out.stdout
+    record = Records(raw_redis_client()).get(instance_id)
+    assert record is not None and record.reason is Reason.GUEST_UNREACHABLE and record["guest_consumers"] == 0
+    shown = json.loads(workflows_cli("show", instance_id).stdout)
+    assert shown["guest_consumers"] == 0
+    start_guest(instance_id)
+    wait_until(lambda: broker().consumers(instance_id) == 1, 30, message="the guest consuming guest.ID")
+    assert json.loads(workflows_cli("show", instance_id).stdout)["guest_consumers"] == 1
+
+
+def test_delete_leaves_no_queue_user_or_binding_on_rabbitmq(new_id: Callable[[str], str]) -> None:
+    instance_id = new_id("rdel")
+    provisioned(instance_id)
+    assert f"guest.{instance_id}" in admin().user_names()
+    out = workflows_cli("delete", instance_id, "--wait", timeout_s=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not [q for q in admin().queue_names("") if instance_id in q]
+    assert not [e for e in admin().exchange_names("") if instance_id in e]
+    bindings = admin().call("GET", "/api/bindings") or []
+    assert not [b for b in bindings if instance_id in json.dumps(b)]
+    assert f"guest.{instance_id}" not in admin().user_names()
+    wait_until(lambda: admin().connections_of(f"guest.{instance_id}") == 0, 15, message="guest connections closed")
+
+
+def test_malformed_and_unsigned_messages_on_a_guest_queue_are_dead_lettered(new_id: Callable[[str], str]) -> None:
+    instance_id = new_id("rbad")
+    provisioned(instance_id)
+    conn = connect(app.conf.broker_url)
+    try:
+        channel = conn.channel()
+        channel.confirm_select()
+        queue = guest_queue(instance_id)
+        for body, headers, content_type in (
+                (b"\xff\xfe not json", {}, "application/json"),
+                (b"[[], {}, {}]", {"task": "guest.no_such_task", "id": f"{instance_id}.guest.unknown"},
+                 "application/json"),
+                (json.dumps([[], {"instance_id": instance_id}, {}]).encode(),
+                 {"task": "guest.ping", "id": f"{instance_id}.guest.unsigned"}, "application/json")):
+            channel.basic_publish(amqp.Message(body, content_type=content_type, content_encoding="utf-8",
+                                               application_headers=headers), "", queue, mandatory=True)
+    finally:
+        conn.close()
+
+    def reasons() -> set[str]:
+        return {str(e.get("reason")) for e in deadletters.read(raw_redis_client(), instance_id)}
+
+    wait_until(lambda: len(reasons()) >= 3, 30, message="three dead letters")
+    assert {"undecodable", "unknown_task", "unsigned"} <= reasons(), reasons()
+    # The guest goes on serving, and nothing waits or is held on its queue.
+    assert send_to_guest(instance_id, "guest.ping", "ping.after-bad").get(timeout=20)["instance_id"] == instance_id
+    wait_until(lambda: rabbit().topology.inspect(guest_queue(instance_id)) == (0, 1), 15, message="queue drained")
+
+
+def test_a_rabbitmq_broker_that_is_down_gives_a_clear_error(tmp_path: Path) -> None:
+    url = f"amqp://nobody:nothing@127.0.0.1:{free_ports(1)[0]}//"
+    env = project_env(CELERY_BROKER_URL=url, BERTH_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "workflows", "provision", "down-1", "--wait"], capture_output=True,
+                         text=True, cwd=PROJECT_DIR, env=env, timeout=60)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "broker unreachable at amqp://nobody:**@127.0.0.1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_taskmanager_user_without_the_administrator_tag_fails_the_instance_naming_the_refusal(
+        new_id: Callable[[str], str], tmp_path: Path) -> None:
+    instance_id = new_id("rperm")
+    name = f"plain-{instance_id}"
+    admin().call("PUT", f"/api/users/{name}", {"password": "plain-secret", "tags": ""})
+    admin().call("PUT", f"/api/permissions/%2F/{name}", {"configure": ".*", "write": ".*", "read": ".*"})
+    url = urlsplit(app.conf.broker_url)
+    plain_url = f"amqp://{name}:plain-secret@{url.hostname}:{url.port}//"
+    env = {"CELERY_BROKER_URL": plain_url, "BERTH_HOME": str(tmp_path / "home")}
+    proc = Proc([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "plainq", "--pool", "solo", "-n",
+                 f"{name}@%h", "-l", "INFO"], tmp_path / "plain.log", env=project_env(**env))
+    try:
+        wait_until(lambda: "guests are NOT isolated" in proc.log() or not proc.alive(), 60, message="the warning")
+        assert "lacks the administrator tag" in proc.log()
+    finally:
+        proc.stop()
+        admin().delete_user(name)
+
+
+def test_guest_queues_are_quorum_queues_when_the_settings_say_so(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, broker="rabbitmq", queue_type="quorum")
+    try:
+        stack.start_taskmanager()
+        stack.provision("quorum-1", "--datastore", "noop")
+        api = ManagementAPI(stack.broker.url, stack.env["BERTH_RABBITMQ_API"])
+        assert (api.queue("guest.quorum-1") or {}).get("type") == "quorum"
+        assert (api.queue("taskmanager") or {}).get("type") == "quorum"
+        pong = stack.cli("ping", "quorum-1", "--timeout", "20")
+        assert pong.returncode == 0, pong.stdout + pong.stderr
+        deleted = stack.cli("delete", "quorum-1", "--wait")
+        assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+        assert api.queue("guest.quorum-1") is None
+        record = Records(stack.client()).get("quorum-1")
+        assert record is not None and record.status is Status.DELETED
+    finally:
+        stack.close()
