@@ -86,6 +86,8 @@ if _ON_RABBITMQ:
     # The taskmanager's queues are declared with the guests' queue type: on a cluster they must
     # survive the loss of a node too.
     task_default_queue_type = berth_queue_type
+    # ... and so is any queue Celery creates on first use (guestapi).
+    task_create_missing_queue_type = berth_queue_type
 # A publish against a broker that is down gives up after ~1.5 s and raises, instead of hanging.
 task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
 # Seconds a task result stays in Redis (delete removes an instance's results earlier).

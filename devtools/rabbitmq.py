@@ -322,7 +322,7 @@ def cluster() -> None:
     group.start()
     print(f"cluster: running nodes {', '.join(group.running_nodes())}")
     print(f"cluster: CELERY_BROKER_URL='{group.url}'")
-    print(f"cluster: BERTH_RABBITMQ_API={group.nodes[0].api}  BERTH_QUEUE_TYPE=quorum")
+    print(f"cluster: BERTH_RABBITMQ_API={','.join(n.api for n in group.nodes)}  BERTH_QUEUE_TYPE=quorum")
     print("cluster: Ctrl-C stops the three nodes (their data stays under var/cluster)", flush=True)
     _wait_for_signal(group.stop, group.nodes)
 

@@ -30,6 +30,7 @@ from berth.brokers.rabbitmq.admin import ManagementAPI, split_urls
 from berth.brokers.rabbitmq.queues import Topology
 from berth.brokers.redis import acl
 from berth.brokers.redis.queues import remove_instance_keys
+from berth.errors import BrokerRefused
 from berth.ids import guest_queue
 from berth.keys import acl_password
 from berth.redis_server import limit_warnings
@@ -160,6 +161,9 @@ class RabbitBroker(Broker):
     def isolation_problem(self) -> str | None:
         try:
             tags = self.admin.whoami().get("tags")
+        except BrokerRefused as exc:
+            return (f"the broker URL's RabbitMQ user {self.admin.user!r} may not use the management API ({exc}): "
+                    "it lacks the administrator tag, and cannot create guests' users and permissions")
         except Exception as exc:  # noqa: BLE001 - reported as the problem it is
             return (f"the RabbitMQ management API does not answer ({exc}): guests' users cannot be made; "
                     "enable the rabbitmq_management plugin or set BERTH_RABBITMQ_API")
