@@ -62,11 +62,20 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# The whole suite on Redis, then the broker-facing tests (marked `broker`) and RabbitMQ's own on
-# private RabbitMQ nodes.
+# The whole suite on Redis and, side by side with it, the broker-facing tests (marked `broker`) and
+# RabbitMQ's own on private RabbitMQ nodes. Both sessions mostly wait on real processes, so they
+# share the machine well; the RabbitMQ session's output follows the Redis one's.
 test: lint browser rabbitmq
-	$(PY) -m pytest
-	BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq"
+	@mkdir -p tests/artifacts
+	@echo "berth: the RabbitMQ session runs beside this one; its output follows (tests/artifacts/rabbitmq-session.log)"
+	@BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq" >tests/artifacts/rabbitmq-session.log 2>&1 & \
+	rabbit=$$!; \
+	$(PY) -m pytest; redis_status=$$?; \
+	wait $$rabbit; rabbit_status=$$?; \
+	echo; echo "===== the same suite's broker-facing tests on RabbitMQ (BERTH_TEST_BROKER=rabbitmq) ====="; \
+	cat tests/artifacts/rabbitmq-session.log; \
+	echo "berth: Redis session exit $$redis_status, RabbitMQ session exit $$rabbit_status"; \
+	[ $$redis_status = 0 ] && [ $$rabbit_status = 0 ]
 
 test-redis: setup browser
 	$(PY) -m pytest
