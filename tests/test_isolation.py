@@ -39,7 +39,8 @@ from berth.keys import SIGNATURE_HEADER, GuestKey
 from berth.records import Records, Status
 from guest import deadletters
 from tasks import app
-from tasks.runtime import redis_client, result_client
+from tasks.runtime import redis_client, result_client, store
+from tests.brokers import on_rabbitmq
 from tests.helpers import (
     Envelope,
     Proc,
@@ -54,13 +55,15 @@ from tests.helpers import (
 )
 from workflows import provision_chain
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 
 
 def as_guest(instance_id: str) -> redis.Redis:
-    """A client on the broker with the guest's own credentials, as its agent connects."""
+    """A client on the store (the broker itself on Redis; beside RabbitMQ, the result backend) with
+    the guest's own credentials, as its agent connects to store answers, heartbeats and dead letters.
+    On RabbitMQ its broker user is tested in tests/test_rabbitmq.py."""
     env, _ = guest_identity(instance_id)
-    return redis.Redis.from_url(env["CELERY_BROKER_URL"], decode_responses=True, socket_connect_timeout=2)
+    return redis.Redis.from_url(env["CELERY_RESULT_BACKEND"], decode_responses=True, socket_connect_timeout=2)
 
 
 def refused(call: Callable[[], Any]) -> bool:
@@ -94,13 +97,14 @@ def test_a_guests_credentials_open_its_own_keys_and_nothing_else(two_guests: tup
     b_result = next((key for key in answered if redis_client().exists(key)), "")
     assert b_result, "B answered a ping: there is a result to steal"
     # What A's agent needs works (a control: the refusals below are about the keys, not the login).
-    assert guest_a.llen(guest_queue(a)) == 0
+    if not on_rabbitmq():  # on RabbitMQ the queue is not in Redis: its user has no queue keys at all
+        assert guest_a.llen(guest_queue(a)) == 0
+        guest_a.hlen(unacked_keys(a)["unacked_key"])
     own_result = result_key(f"{a}.guest.probe")
     guest_a.set(own_result, "{}")
     guest_a.delete(own_result)
     guest_a.lpush(deadletter_key(a), "{}")
     guest_a.delete(deadletter_key(a))
-    guest_a.hlen(unacked_keys(a)["unacked_key"])
 
     attempts: dict[str, Callable[[], Any]] = {
         # B's queue, every priority list of it: read, pop, push
@@ -142,7 +146,7 @@ def test_a_guests_credentials_open_its_own_keys_and_nothing_else(two_guests: tup
     assert allowed == [], f"guest {a}'s credentials may do these: {allowed}"
     assert redis_client().get(b_result) is not None and redis_client().llen(guest_queue(b)) == 0, "nothing changed"
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis.from_url(app.conf.broker_url.replace("//:", "//nobody:", 1), socket_connect_timeout=2).ping()
+        redis.Redis.from_url(store().replace("//:", "//nobody:", 1), socket_connect_timeout=2).ping()
 
 
 def test_a_local_guest_gets_its_own_credentials_and_none_of_the_control_planes(two_guests: tuple[str, str]) -> None:
@@ -156,6 +160,7 @@ def test_a_local_guest_gets_its_own_credentials_and_none_of_the_control_planes(t
     own, _ = guest_identity(a)
     assert {k: env.get(k) for k in own} == own
     assert not any(app.conf.broker_url.encode() in item for item in raw), "no admin broker URL"
+    assert not any(app.conf.result_backend.encode() in item for item in raw), "no admin result backend URL"
     assert "BERTH_MASTER_KEY" not in env and "FLOWER_BASIC_AUTH" not in env
 
 
@@ -185,7 +190,8 @@ def test_guest_env_prints_the_guests_own_user_and_key(two_guests: tuple[str, str
     env, key = guest_identity(a)
     for name, value in env.items():
         assert f"export {name}=" in out.stdout and value in out.stdout
-    assert f"redis://guest.{a}:" in env["CELERY_BROKER_URL"]
+    assert f"{'amqp' if on_rabbitmq() else 'redis'}://guest.{a}:" in env["CELERY_BROKER_URL"]
+    assert f"redis://guest.{a}:" in env["CELERY_RESULT_BACKEND"]
     assert key.text() == env["BERTH_GUEST_KEY"]
     assert f"--instance-id {a}" in out.stdout
     assert workflows_cli("guest-env", "Not_An_Id").returncode == 2
@@ -198,12 +204,13 @@ def test_delete_revokes_the_guests_user(new_id: Callable[[str], str], records: R
     instance_id = new_id("rev")
     provision_chain(instance_id, datastore="noop").apply_async().get(timeout=60)
     guest = as_guest(instance_id)
-    url = guest_identity(instance_id)[0]["CELERY_BROKER_URL"]
-    assert guest.llen(guest_queue(instance_id)) == 0
+    url = guest_identity(instance_id)[0]["CELERY_RESULT_BACKEND"]
+    own_dead_letters = deadletter_key(instance_id)
+    assert guest.llen(own_dead_letters) == 0
     out = workflows_cli("delete", instance_id, "--wait")
     assert out.returncode == 0, out.stderr
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError)):
-        guest.llen(guest_queue(instance_id))  # the connection it had is gone
+        guest.llen(own_dead_letters)  # the connection it had is gone
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()  # and its password opens nothing
     record = records.get(instance_id)
@@ -218,6 +225,7 @@ def push(instance_id: str, message: Envelope) -> None:
     push_envelope(redis_client(), instance_id, message)
 
 
+@pytest.mark.redis  # pushes envelopes onto Redis lists; RabbitMQ's: tests/test_rabbitmq.py
 def test_forged_tampered_retargeted_expired_and_replayed_messages_are_refused_and_the_guest_goes_on(
         new_id: Callable[[str], str], start_guest: Callable[[str], Proc]) -> None:
     mine, other = new_id("auth"), new_id("authx")
@@ -345,8 +353,10 @@ def test_no_password_is_written_anywhere_in_plaintext(stack: Any) -> None:
         # The password did travel, sealed, all the way to the datastore.
         assert redis.Redis(port=connection["port"], username="app", password=password).ping()
 
-    data_dir = stack.root / "redis"
-    written = b"".join(path.read_bytes() for path in data_dir.iterdir() if path.is_file())
+    # Every file the broker and the store wrote: the AOF, the ACL file; on RabbitMQ, the node's
+    # message stores and queue indexes too.
+    written = b"".join(path.read_bytes() for root in (stack.root / "redis", stack.root / "rabbitmq")
+                       for path in root.rglob("*") if path.is_file())
     assert b"berth-sealed:v1:" in written, "the control: sealed values are there"
     logs = [*stack.root.glob("logs/*.log"), *stack.home.glob("guests/*/agent.log"),
             *stack.home.glob("guests/*/*/*.log")]
@@ -358,6 +368,7 @@ def test_no_password_is_written_anywhere_in_plaintext(stack: Any) -> None:
                 assert form not in log.read_bytes(), f"{instance_id}'s password is in {log}"
 
 
+@pytest.mark.redis  # the ACL file; RabbitMQ keeps its users (the broker drill restarts a node)
 def test_a_broker_that_lost_its_users_gets_them_back_and_guests_reconnect(stack: Any) -> None:
     """Guests' users are not written to the broker's ACL file (a rewrite of the whole file per
     user is what made 1,000 provisionings slow): a restarted broker knows its admin user only,

@@ -8,6 +8,7 @@ guest.A and do nothing else, whatever it tries over AMQP.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from kombu.entity import Queue
 from berth.brokers import RabbitBroker
 from berth.brokers.rabbitmq.admin import ManagementAPI
 from berth.ids import guest_queue
+from berth.keys import SIGNATURE_HEADER, GuestKey
 from berth.paths import PROJECT_DIR
 from berth.records import Reason, Records, Status
 from devtools.rabbitmq import free_ports
@@ -258,3 +260,68 @@ def test_guest_queues_are_quorum_queues_when_the_settings_say_so(tmp_path: Path)
         assert record is not None and record.status is Status.DELETED
     finally:
         stack.close()
+
+
+def test_forged_tampered_retargeted_and_replayed_messages_published_over_amqp_are_refused(
+        new_id: Callable[[str], str], start_guest: Callable[[str], Proc]) -> None:
+    """tests/test_isolation.py's signed-message test, over AMQP: genuine signed messages are taken
+    off the queue (nobody consumes it yet), altered, and published back as a forger with publish
+    rights would; the guest runs the genuine one once and dead-letters every other."""
+    mine, other = new_id("rauth"), new_id("rauthx")
+    for instance_id in (mine, other):
+        rabbit().declare_guest_queue(instance_id)
+    send_to_guest(mine, "guest.ping", "genuine")
+    send_to_guest(other, "guest.ping", "for-other")
+    conn = connect(app.conf.broker_url)
+    try:
+        channel = conn.channel()
+        genuine = wait_until(lambda: channel.basic_get(guest_queue(mine), no_ack=True), 10, message="genuine")
+        for_other = wait_until(lambda: channel.basic_get(guest_queue(other), no_ack=True), 10, message="other's")
+
+        def variant(name: str, *, headers: dict[str, Any] | None = None, body: Any = None,
+                    key: GuestKey | None = None, drop: str | None = None) -> amqp.Message:
+            new_headers = {**genuine.headers, "id": f"{mine}.guest.{name}", "root_id": f"{mine}.guest.{name}",
+                           **(headers or {})}
+            new_body = json.loads(genuine.body) if body is None else body
+            if key is not None:
+                new_headers[SIGNATURE_HEADER] = key.sign(instance_id=mine, headers=new_headers, body=new_body)
+            if drop:
+                new_headers.pop(drop)
+            return amqp.Message(json.dumps(new_body), content_type="application/json", content_encoding="utf-8",
+                                application_headers=new_headers, correlation_id=new_headers["id"],
+                                delivery_mode=2)
+
+        tampered_body = json.loads(genuine.body)
+        tampered_body[1]["extra"] = "injected"
+        cases = {
+            f"{mine}.guest.unsigned": (variant("unsigned", drop=SIGNATURE_HEADER), "unsigned"),
+            f"{mine}.guest.forged": (variant("forged", key=GuestKey(os.urandom(32))), "tampered"),
+            f"{mine}.guest.tampered": (variant("tampered", body=tampered_body), "tampered"),
+            f"{mine}.guest.renamed": (variant("renamed", headers={"task": "guest.shutdown"}), "tampered"),
+            f"{mine}.guest.reid": (variant("reid"), "tampered"),
+            str(for_other.headers["id"]): (amqp.Message(for_other.body, content_type="application/json",
+                                                        content_encoding="utf-8",
+                                                        application_headers=dict(for_other.headers)), "retargeted"),
+        }
+        channel.confirm_select()
+        replay = amqp.Message(genuine.body, content_type="application/json", content_encoding="utf-8",
+                              application_headers=dict(genuine.headers), delivery_mode=2)
+        for message, _ in cases.values():
+            channel.basic_publish(message, "", guest_queue(mine), mandatory=True)
+        channel.basic_publish(replay, "", guest_queue(mine), mandatory=True)
+        channel.basic_publish(replay, "", guest_queue(mine), mandatory=True)
+    finally:
+        conn.close()
+    guest = start_guest(mine)
+    assert send_to_guest(mine, "guest.ping", "after").get(timeout=30)["instance_id"] == mine
+    genuine_id = str(genuine.headers["id"])
+    expected = {task_id: reason for task_id, (_, reason) in cases.items()} | {genuine_id: "replayed"}
+    wait_until(lambda: len(deadletters.read(raw_redis_client(), mine)) >= len(expected), 20,
+               message="every refusal dead-lettered")
+    entries = {entry["id"]: entry["reason"] for entry in deadletters.read(raw_redis_client(), mine)}
+    assert entries == expected
+    results = redis_client()
+    for task_id in cases:
+        assert not results.exists(f"celery-task-meta-{task_id}"), f"{task_id} ran"
+    assert results.exists(f"celery-task-meta-{genuine_id}"), "the genuine message ran, once"
+    assert guest.log().count(f"Task guest.ping[{genuine_id}] received") == 1
