@@ -163,6 +163,9 @@ def main() -> int:
              "-d", str(PROJECT_DIR), "start", *processes],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C stops everything even when this process was started with SIGINT ignored (a shell's
+    # background job is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if "broker" in processes:
             wait_until_ready(admin_url(int(env["BERTH_BROKER_PORT"]), broker_dir()), timeout_s=READY_TIMEOUT_S)

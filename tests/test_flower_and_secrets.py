@@ -21,7 +21,7 @@ from tasks.runtime import redis_client
 from tests.helpers import FLOWER_AUTH, FlowerClient, Proc, celery, project_env, wait_for_status, wait_until
 from workflows import provision_chain
 
-pytestmark = pytest.mark.usefixtures("taskmanager")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
 AUTH = FLOWER_AUTH
 PASSWORD = "Sup3r-Secret-Value-42"
 

@@ -19,14 +19,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from berth.brokers.base import Broker, LiveGuests
 from berth.brokers.rabbitmq import RabbitBroker
+from berth.brokers.rabbitmq.admin import ManagementUnreachable
 from berth.brokers.redis import RedisBroker
 from berth.config import AMQP_SCHEMES, REDIS_SCHEMES
 from berth.errors import UnsupportedBroker
 
 # A broker (or the store) that is away for a moment, on either broker: retried, never a failure of
-# the work itself. RabbitMQ's management API unreachable raises the builtin ConnectionError.
+# the work itself. Not BrokenPipeError: the command line's reader going away is no broker error.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError, OperationalError, ConnectionError, RecoverableConnectionError)
+    RedisConnectionError, RedisTimeoutError, OperationalError, ConnectionRefusedError, ConnectionResetError,
+    ConnectionAbortedError, RecoverableConnectionError, ManagementUnreachable)
 
 
 def broker_for(broker_url: str, result_backend: str, *, queue_type: str = "classic",

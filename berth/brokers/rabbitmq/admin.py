@@ -20,6 +20,11 @@ from urllib.parse import quote, unquote, urlsplit
 from berth.errors import BrokerRefused
 
 DEFAULT_API_PORT = 15672
+
+
+class ManagementUnreachable(ConnectionError):
+    """No address of the management API answered (a node restarting, say): retried like a broker error."""
+
 TIMEOUT_S = 10.0
 
 
@@ -76,7 +81,7 @@ class ManagementAPI:
                                     f"as user {self.user!r}: HTTP {exc.code} {reason}") from exc
             except (urllib.error.URLError, OSError) as exc:
                 last = exc if isinstance(exc, OSError) else OSError(str(exc))
-        raise ConnectionError(f"RabbitMQ management API unreachable at {', '.join(self.bases)}: {last}")
+        raise ManagementUnreachable(f"RabbitMQ management API unreachable at {', '.join(self.bases)}: {last}")
 
     # --- Users -------------------------------------------------------------------------------------
 
