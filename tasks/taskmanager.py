@@ -167,7 +167,8 @@ class Step(Task):
     """
 
     throws = (ProvisioningError,)
-    autoretry_for = CONNECTION_ERRORS
+    # A connection to the broker that breaks under a publish (a node going away) too.
+    autoretry_for = (*CONNECTION_ERRORS, BrokenPipeError)
     retry_backoff = 1
     retry_backoff_max = int(STEP_RETRY_BACKOFF_MAX_S)
 

@@ -60,8 +60,11 @@ def node_named(stack: Stack, name: str) -> RabbitNode:
 def assert_all_active_once(stack: Stack, ids: list[str], timeout_s: float = 150) -> None:
     wait_until(lambda: all(status(stack, i) in ("ACTIVE", "FAILED") for i in ids), timeout_s, interval_s=0.5,
                message="every instance final")
+    records = Records(stack.client())
     final = {i: status(stack, i) for i in ids}
-    assert set(final.values()) == {"ACTIVE"}, final
+    failed = {i: (r.reason, r.get("error")) for i in ids
+              if (r := records.get(i)) is not None and r.status.value != "ACTIVE"}
+    assert set(final.values()) == {"ACTIVE"}, f"{final}; failed: {failed}"
     for instance_id in ids:
         applied = [int(n) for n in journal(stack, instance_id).get("applied", {}).values()]
         assert applied == [1], f"{instance_id}: prepare applied {applied}"
