@@ -1,8 +1,9 @@
 """A wave of provisionings at once, against the bare task throughput of the same taskmanager.
 
     .venv/bin/python -m bench.concurrency [--instances 1000] [--probe-priority 0] [--no-events]
+                                          [--broker redis|rabbitmq]
 
-A private stack (embedded broker, a taskmanager with 2 worker processes) and one fleet process
+A private stack (its own broker, a taskmanager with 2 worker processes) and one fleet process
 (`bench.fleet`) that plays every instance's guest. In one run:
 
 1. bare: ``instances`` no-op tasks (``celery.accumulate``) sent at once, from the first send to
@@ -17,6 +18,14 @@ Targets: provisionings/s >= 1/8 of bare tasks/s; probe p99 during the wave <= 50
 Prints one JSON object. Also: the taskmanager's run time per task name (from its task events),
 the deepest the taskmanager queue's lists got, and which list a message lands in (kombu's Redis
 priorities).
+
+On RabbitMQ (``--broker rabbitmq``: a private node, records and results in a Redis beside it)
+the same three measures run through the node; the fleet consumes every guest queue over AMQP
+and stores its answers in that Redis. The taskmanager queue's depth is its count of ready
+messages (a passive declare per poll); "broker time" is then the Redis store's, and there is no
+priority list: unless the taskmanager queue has an ``x-max-priority`` (it is read from the
+management API and reported), RabbitMQ ignores a message's priority and serves the queue first
+in, first out.
 """
 
 from __future__ import annotations
@@ -251,11 +260,26 @@ def queue_list_names() -> list[str]:
     return [TASK_QUEUE if p == 0 else f"{TASK_QUEUE}{Channel.sep}{p}" for p in PRIORITY_STEPS]
 
 
+def amqp_depth() -> Any:
+    """RabbitMQ: a reader of the taskmanager queue's ready messages (a passive declare)."""
+    from berth.brokers.rabbitmq.queues import Topology
+    from tasks import app
+
+    topology = Topology(app.conf.broker_url, app.conf.berth_queue_type)
+
+    def ready() -> int:
+        found = topology.inspect(TASK_QUEUE)
+        return found[0] if found else 0
+
+    return ready
+
+
 class Wave:
     """Submits the provisionings and follows their records (one pipelined round trip per poll)."""
 
-    def __init__(self, client: Any, ids: list[str]) -> None:
-        self.client, self.ids = client, ids
+    def __init__(self, client: Any, ids: list[str], depth: Any = None) -> None:
+        """``depth``: RabbitMQ's reader of the taskmanager queue's depth (None: Redis, its lists)."""
+        self.client, self.ids, self.depth = client, ids, depth
         self.status: dict[str, str] = {}
         self.depth_max: Counter[str] = Counter()
         self.t0 = 0.0
@@ -279,7 +303,9 @@ class Wave:
         from berth.ids import record_key
 
         pending = [i for i in self.ids if self.status.get(i) not in FINAL_STATUSES]
-        lists = queue_list_names()
+        lists = queue_list_names() if self.depth is None else []
+        if self.depth is not None:
+            self.depth_max[f"{TASK_QUEUE} (ready)"] = max(self.depth_max[f"{TASK_QUEUE} (ready)"], self.depth())
         with self.client.pipeline(transaction=False) as pipe:
             for name in lists:
                 pipe.llen(name)
@@ -330,7 +356,8 @@ class Wave:
 
 
 def redis_time(client: Any, wall_s: float, top: int = 8) -> dict[str, Any]:
-    """Where the broker's single thread spent the wave (INFO commandstats since CONFIG RESETSTAT)."""
+    """Where the Redis's single thread spent the wave (INFO commandstats since CONFIG RESETSTAT):
+    the broker's on Redis, the store's beside RabbitMQ."""
     stats = client.info("commandstats")
     rows = sorted(((name.removeprefix("cmdstat_"), v) for name, v in stats.items()), key=lambda r: -r[1]["usec"])
     busy_s = sum(v["usec"] for _, v in rows) / 1e6
@@ -378,6 +405,25 @@ def targets(bare: dict[str, Any], wave: dict[str, Any], probe: dict[str, Any]) -
             "all_active": wave["all_active"]}
 
 
+def rabbitmq_priority_facts() -> dict[str, Any]:
+    """RabbitMQ: whether the taskmanager queue honours priorities at all (its x-max-priority)."""
+    from berth.brokers.rabbitmq.admin import ManagementAPI
+    from tasks import app
+
+    queue = ManagementAPI(app.conf.broker_url, app.conf.berth_rabbitmq_api).queue(TASK_QUEUE) or {}
+    arguments = dict(queue.get("arguments") or {})
+    top = arguments.get("x-max-priority")
+    if top is None:
+        note = ("The taskmanager queue has no x-max-priority: RabbitMQ ignores a message's priority and serves "
+                "the queue first in, first out, so a probe (or a new request) waits behind the whole backlog of "
+                "chain steps.")
+    else:
+        note = (f"The taskmanager queue honours priorities 0-{top}; on RabbitMQ a higher number goes first "
+                "(kombu's Redis transport reads 0 first).")
+    return {"task_default_priority": app.conf.task_default_priority, "queue_arguments": arguments,
+            "queue_max_priority": top, "note": note}
+
+
 def measure(stack: Any, instances: int, probe_priority: int | None, events: bool) -> dict[str, Any]:
     from bench.fleet import READY_LINE
     from tasks import app
@@ -395,13 +441,13 @@ def measure(stack: Any, instances: int, probe_priority: int | None, events: bool
     for _ in range(20):  # warm up: both worker processes, the result consumer, the connections
         app.send_task("celery.accumulate", args=[1]).get(timeout=10)
     client = redis_client()
-    out: dict[str, Any] = {"instances": instances, "probe_priority": probe_priority}
+    out: dict[str, Any] = {"instances": instances, "probe_priority": probe_priority, "broker": stack.kind}
     out["probe_idle"] = run_probe(probe_priority, 2.0)
     times.reset()
     out["bare"] = bare_throughput(app, client, instances)
     out["bare_task_times"] = times.snapshot()
     times.reset()
-    wave = Wave(client, [f"{prefix}-{n}" for n in range(instances)])
+    wave = Wave(client, [f"{prefix}-{n}" for n in range(instances)], amqp_depth() if stack.on_rabbitmq else None)
     client.config_resetstat()
     probe = ProbeProcess(probe_priority)
     wave.submit()
@@ -414,16 +460,17 @@ def measure(stack: Any, instances: int, probe_priority: int | None, events: bool
     times.finish()
     fleet.stop(timeout_s=10)
     out["fleet"] = fleet_counts(fleet.log())
-    out["priority"] = priority_facts()
+    out["priority"] = rabbitmq_priority_facts() if stack.on_rabbitmq else priority_facts()
     out["targets"] = targets(out["bare"], out["wave"], out["probe_wave"])
     return out
 
 
-def run(instances: int = 1000, probe_priority: int | None = 0, events: bool = True) -> dict[str, Any]:
+def run(instances: int = 1000, probe_priority: int | None = 0, events: bool = True,
+        broker: str = "redis") -> dict[str, Any]:
     """The whole benchmark on a private stack; the figures and whether the targets are met."""
     from bench.common import BenchStack, machine
 
-    stack = BenchStack()  # before `tasks` is imported: it points celeryconfig at the private broker
+    stack = BenchStack(broker)  # before `tasks` is imported: it points celeryconfig at the private broker
     try:
         out = measure(stack, instances, probe_priority, events)
         out["machine"] = machine()
@@ -433,15 +480,18 @@ def run(instances: int = 1000, probe_priority: int | None = 0, events: bool = Tr
 
 
 def main() -> int:
+    from bench.common import broker_option
+
     parser = argparse.ArgumentParser(prog="python -m bench.concurrency")
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--probe-priority", type=int, default=0, help="the probe's priority (0-9; kombu: 0 first)")
     parser.add_argument("--no-events", action="store_true", help="do not time the taskmanager's tasks by its events")
     parser.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
+    broker_option(parser)
     args = parser.parse_args()
     if args.probe_only:
         return probe_only(args.probe_priority)
-    print(json.dumps(run(args.instances, args.probe_priority, not args.no_events), indent=2))
+    print(json.dumps(run(args.instances, args.probe_priority, not args.no_events, args.broker), indent=2))
     return 0
 
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.fleet --prefix wave --count 1000     # broker: CELERY_BROKER_URL
 
+On Redis (`Fleet`):
+
 Plays the guests of ``<prefix>-0 .. <prefix>-<count-1>`` on the control plane's (admin) broker
 connection: one BRPOP over every list of every guest queue (kombu's plain list ``guest.<id>``,
 where default-priority messages land, and its priority lists), then the answer a real guest
@@ -14,8 +16,16 @@ key's channel, which `tasks.waiting` subscribes to):
 
 It checks no signature and keeps no journal or ack-emulation keys; like a real guest it runs no
 message past its expiry (it stores nothing for one). Each answer goes out in the same write as
-the next BRPOP: one round trip per message. SIGTERM (or ``stop_event``) stops it within
-``BRPOP_TIMEOUT_S``; it then prints its counts as one JSON line.
+the next BRPOP: one round trip per message.
+
+On RabbitMQ (`RabbitFleet`, an ``amqp://`` broker URL): one AMQP connection and channel that
+declares every instance's queue (durable, of ``BERTH_QUEUE_TYPE``: create_queue declares it again,
+the same way) and consumes all of them, ``PREFETCH`` messages per queue; the same answers are
+stored in the result backend (``CELERY_RESULT_BACKEND``, a Redis: SET and PUBLISH), the
+messages read in one turn answered in one pipelined round trip, then acknowledged together.
+
+SIGTERM (or ``stop_event``) stops either within ``BRPOP_TIMEOUT_S``; it then prints its counts
+as one JSON line.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -35,13 +46,16 @@ from typing import Any, Protocol
 import redis
 
 from berth import __version__
-from berth.ids import PRIORITY_STEPS, queue_lists, result_key
+from berth.ids import PRIORITY_STEPS, guest_queue, queue_lists, result_key
 
 BRPOP_TIMEOUT_S = 1
 RESULT_EXPIRES_S = 86400
 # Precomputed BRPOP commands, each starting at another instance: no guest is always served last.
 ROTATIONS = 8
 READY_LINE = "fleet ready"
+# RabbitMQ: unacknowledged messages per guest queue, and at most this many answered per round trip.
+PREFETCH = 4
+BATCH = 200
 
 
 class StopEvent(Protocol):
@@ -69,8 +83,28 @@ def decode(raw: bytes) -> tuple[str, str, list[Any], dict[str, Any], str | None]
     body: Any = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
+    return decode_body(headers, body)
+
+
+def decode_body(headers: dict[str, Any], body: str | bytes) -> tuple[str, str, list[Any], dict[str, Any], str | None]:
+    """A protocol-2 message's headers and JSON body -> (task name, task id, args, kwargs, expires)."""
     args, kwargs, _embed = json.loads(body)
     return str(headers["task"]), str(headers["id"]), list(args), dict(kwargs), headers.get("expires")
+
+
+def reply(task: str, task_id: str, kwargs: dict[str, Any], expires: str | None,
+          counts: Counter[str]) -> tuple[str, str] | None:
+    """(result key, result meta) answering one message, or None for an expired or unknown one."""
+    now = dt.datetime.now(dt.UTC)
+    if expired(expires, now):
+        counts[f"expired:{task}"] += 1
+        return None
+    result = answer(task, task_id, kwargs)
+    if result is None:
+        counts[f"ignored:{task}"] += 1
+        return None
+    counts[task] += 1
+    return result_key(task_id), result_meta(task_id, result, now)
 
 
 def expired(expires: str | None, now: dt.datetime) -> bool:
@@ -123,16 +157,10 @@ class Fleet:
         except (ValueError, KeyError, TypeError):
             self.counts["undecodable"] += 1
             return []
-        now = dt.datetime.now(dt.UTC)
-        if expired(expires, now):
-            self.counts[f"expired:{task}"] += 1
+        found = reply(task, task_id, kwargs, expires, self.counts)
+        if found is None:
             return []
-        result = answer(task, task_id, kwargs)
-        if result is None:
-            self.counts[f"ignored:{task}"] += 1
-            return []
-        self.counts[task] += 1
-        key, meta = result_key(task_id), result_meta(task_id, result, now)
+        key, meta = found
         return [self.pack("SET", key, meta, "EX", RESULT_EXPIRES_S), self.pack("PUBLISH", key, meta)]
 
     def serve(self, stop: StopEvent) -> dict[str, int]:
@@ -159,12 +187,88 @@ class Fleet:
                 self.conn.read_response()
 
 
+class RabbitFleet:
+    """The same guests on RabbitMQ: one channel consuming every guest queue, answers in the store."""
+
+    def __init__(self, broker_url: str, store_url: str, ids: list[str], queue_type: str = "classic") -> None:
+        from kombu.connection import Connection
+
+        self.store = redis.Redis.from_url(store_url, socket_connect_timeout=5.0)
+        self.conn = Connection(broker_url, connect_timeout=10, heartbeat=0)
+        self.conn.ensure_connection(max_retries=3)
+        self.channel: Any = self.conn.channel()
+        # Per consumer (a quorum queue takes no global QoS).
+        self.channel.basic_qos(0, PREFETCH, False)
+        arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+        for instance_id in ids:
+            name = guest_queue(instance_id)
+            self.channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+            self.channel.basic_consume(name, callback=self.on_message)
+        self.counts: Counter[str] = Counter()
+        self.pending: list[tuple[str, str]] = []
+        self.last_tag: int | None = None
+
+    def on_message(self, message: Any) -> None:
+        self.last_tag = int(message.delivery_tag)
+        try:
+            headers = dict(message.headers or {})
+            task, task_id, _args, kwargs, expires = decode_body(headers, message.body)
+        except (ValueError, KeyError, TypeError):
+            self.counts["undecodable"] += 1
+            return
+        found = reply(task, task_id, kwargs, expires, self.counts)
+        if found is not None:
+            self.pending.append(found)
+
+    def drain(self, timeout_s: float) -> bool:
+        try:
+            self.conn.drain_events(timeout=timeout_s)
+        except TimeoutError:  # socket.timeout
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Store the answers read so far (one round trip), then acknowledge every message read."""
+        if self.pending:
+            with self.store.pipeline(transaction=False) as pipe:
+                for key, meta in self.pending:
+                    pipe.set(key, meta, ex=RESULT_EXPIRES_S)
+                    pipe.publish(key, meta)
+                pipe.execute()
+            self.pending = []
+        if self.last_tag is not None:
+            self.channel.basic_ack(self.last_tag, multiple=True)
+            self.last_tag = None
+
+    def serve(self, stop: StopEvent) -> dict[str, int]:
+        while not stop.is_set():
+            if self.drain(BRPOP_TIMEOUT_S):
+                until = time.monotonic() + 0.005
+                while len(self.pending) < BATCH and time.monotonic() < until and self.drain(0.001):
+                    pass
+            self.flush()
+        self.conn.release()
+        return dict(self.counts)
+
+
+def make_fleet(broker_url: str, instance_ids: list[str], store_url: str | None = None,
+               queue_type: str | None = None) -> Fleet | RabbitFleet:
+    """The fleet for the broker URL's kind (RabbitMQ: its answers in ``store_url``, a Redis)."""
+    if broker_url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
+        store = store_url or os.environ.get("CELERY_RESULT_BACKEND")
+        if not store:
+            raise ValueError("on RabbitMQ the fleet needs the store: CELERY_RESULT_BACKEND or --store-url")
+        return RabbitFleet(broker_url, store, instance_ids,
+                           queue_type or os.environ.get("BERTH_QUEUE_TYPE", "classic"))
+    return Fleet(broker_url, instance_ids)
+
+
 def run_fleet(broker_url: str, instance_ids: list[str], stop_event: StopEvent,
               ready: threading.Event | None = None) -> dict[str, int]:
     """Play the guests of instance_ids until stop_event is set; return what was answered, by task."""
     if not instance_ids:
         raise ValueError("no instances to play")
-    fleet = Fleet(broker_url, instance_ids)
+    fleet = make_fleet(broker_url, instance_ids)
     if ready is not None:
         ready.set()
     return fleet.serve(stop_event)
@@ -175,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True, help="instances <prefix>-0 .. <prefix>-<count-1>")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--broker-url", default=os.environ.get("CELERY_BROKER_URL"))
+    parser.add_argument("--store-url", default=os.environ.get("CELERY_RESULT_BACKEND"),
+                        help="RabbitMQ: the Redis where answers go (default: CELERY_RESULT_BACKEND)")
     args = parser.parse_args(argv)
     if not args.broker_url:
         parser.error("no broker: set CELERY_BROKER_URL or pass --broker-url")
@@ -187,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    fleet = Fleet(args.broker_url, instance_ids(args.prefix, args.count))
-    print(f"{READY_LINE}: {args.count} instances ({args.prefix}-0 ..), {len(fleet.brpops[0])} bytes per BRPOP",
+    fleet = make_fleet(args.broker_url, instance_ids(args.prefix, args.count), args.store_url)
+    how = f"{len(fleet.brpops[0])} bytes per BRPOP" if isinstance(fleet, Fleet) else "one AMQP consumer per queue"
+    print(f"{READY_LINE}: {args.count} instances ({args.prefix}-0 ..), {how}",
           flush=True)
     counts = fleet.serve(stop)
     print(json.dumps({"fleet_counts": counts}), flush=True)

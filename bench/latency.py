@@ -1,8 +1,8 @@
 """Provision -> ACTIVE with a live guest, against a bare Celery round trip in the same run.
 
-    .venv/bin/python -m bench.latency [--instances 200] [--round-trips 300] [--wave 20]
+    .venv/bin/python -m bench.latency [--instances 200] [--round-trips 300] [--wave 20] [--broker redis|rabbitmq]
 
-A private stack (its own embedded broker, a taskmanager with 2 worker processes). The baseline:
+A private stack (its own broker, a taskmanager with 2 worker processes). The baseline:
 ``celery.accumulate`` (a no-op every worker has) sent to the taskmanager and its result read,
 one at a time: ``--round-trips`` before the first provisioning, and one more just before each
 provisioning, so that the baseline sees the same conditions as Berth. Berth: per instance, a
@@ -10,6 +10,11 @@ real guest agent (boot driver ``none``, started and ready before the request, ``
 datastore: zero prepare time), then the provisioning chain sent and its last result read, one
 at a time: the same send -> result shape as the baseline. Guests start ``--wave`` at a time, in
 parallel, and stop once their instance is ACTIVE.
+
+On RabbitMQ (``--broker rabbitmq``: a private node, the records and answers in a Redis beside
+it) the baseline is the same ``celery.accumulate`` round trip, through the same node; each
+guest's queue is declared before its agent starts (a guest may not declare it, and consumes
+only a queue that exists), which create_queue then declares again, as it always does.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import BenchStack, summary_ms
+from bench.common import BenchStack, broker_option, summary_ms
 
 STEP_FIELDS = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
                "prepare_sent_at", "active_at"]
@@ -39,11 +44,11 @@ def bare_round_trips(app: Any, count: int) -> list[float]:
 
 
 def broker_round_trips(count: int) -> dict[str, Any]:
-    """One read (PING) and one write (SET) at a time on the broker: what a write waits for.
+    """One read (PING) and one write (SET) at a time on the store: what a write waits for.
 
-    The embedded broker fsyncs its AOF before it answers a write (``appendfsync always``), so
+    The embedded Redis fsyncs its AOF before it answers a write (``appendfsync always``), so
     every sequential write round trip carries an fsync; Berth's steps make several, a bare task
-    few.
+    few. On Redis the store is the broker; beside RabbitMQ it holds the records and results.
     """
     from tasks.runtime import redis_client
 
@@ -60,6 +65,30 @@ def broker_round_trips(count: int) -> dict[str, Any]:
     return {"read_ping": summary_ms(reads), "write_set": summary_ms(writes)}
 
 
+def amqp_round_trips(count: int) -> dict[str, Any]:
+    """RabbitMQ: a passive declare (a read) and a persistent publish to a durable queue waiting
+    for its publisher confirm (a write: what every Berth publish waits for), one at a time."""
+    from amqp import Message
+    from kombu.connection import Connection
+
+    from tasks import app
+
+    queue = "bench.latency.confirms"
+    with Connection(app.conf.broker_url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue, durable=True, auto_delete=False)
+        reads, writes = [], []
+        for n in range(count):
+            started = time.perf_counter()
+            channel.queue_declare(queue, passive=True)
+            reads.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            channel.basic_publish(Message(str(n), delivery_mode=2), exchange="", routing_key=queue, mandatory=True)
+            writes.append(time.perf_counter() - started)
+        channel.queue_delete(queue)
+    return {"read_passive_declare": summary_ms(reads), "write_publish_confirm": summary_ms(writes)}
+
+
 def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str, str]]:
     """Live guests for ids, with their users and keys ahead of create_queue (as `guest-env` gives)."""
     from tasks.runtime import broker, guest_env
@@ -68,6 +97,8 @@ def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str
     guests, request_ids = [], {}
     for instance_id in ids:
         request_ids[instance_id] = uuid.uuid4().hex
+        if stack.on_rabbitmq:
+            broker().declare_guest_queue(instance_id)  # the guest consumes only a queue that exists
         broker().mint_guest(instance_id, request_ids[instance_id])
         env = {**os.environ, **guest_env(instance_id, request_ids[instance_id])}
         guests.append(stack.start(guest_command(instance_id), f"guest-{instance_id}", env=env))
@@ -76,8 +107,8 @@ def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str
     return guests, request_ids
 
 
-def run(instances: int = 200, round_trips: int = 300, wave: int = 20) -> dict[str, Any]:
-    stack = BenchStack()
+def run(instances: int = 200, round_trips: int = 300, wave: int = 20, broker: str = "redis") -> dict[str, Any]:
+    stack = BenchStack(broker)
     try:
         stack.start_taskmanager()
         from tasks import app
@@ -111,8 +142,10 @@ def run(instances: int = 200, round_trips: int = 300, wave: int = 20) -> dict[st
                 stack.procs.remove(guest)
         result: dict[str, Any] = {
             "bare_round_trip": summary_ms(bare), "provision_to_active": summary_ms(berth),
-            "broker_round_trip": broker_round_trips(200),
+            "broker": broker, "broker_round_trip": broker_round_trips(200),
             "steps_p50_ms": {name: summary_ms(values)["p50_ms"] for name, values in steps.items()}}
+        if stack.on_rabbitmq:
+            result["amqp_round_trip"] = amqp_round_trips(200)
         ratio = result["provision_to_active"]["p50_ms"] / result["bare_round_trip"]["p50_ms"]
         result["ratio_p50"] = ratio
         result["target"] = {"what": "Berth p50 <= 8 x the bare round trip p50", "met": ratio <= 8.0}
@@ -126,8 +159,9 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--round-trips", type=int, default=300)
     parser.add_argument("--wave", type=int, default=20)
+    broker_option(parser)
     args = parser.parse_args()
-    print(json.dumps(run(args.instances, args.round_trips, args.wave), indent=2))
+    print(json.dumps(run(args.instances, args.round_trips, args.wave, args.broker), indent=2))
     return 0
 
 
