@@ -171,6 +171,9 @@ class Step(Task):
     autoretry_for = (*CONNECTION_ERRORS, BrokenPipeError)
     retry_backoff = 1
     retry_backoff_max = int(STEP_RETRY_BACKOFF_MAX_S)
+    # A broker outage of a minute or so is ridden out (a RabbitMQ node takes seconds to restart;
+    # Celery's default of 3 jittered retries gave up within a few): about 50 s on average.
+    max_retries = 12
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         try:
