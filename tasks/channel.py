@@ -51,10 +51,27 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
     if not task_id.startswith(guest_task_prefix(instance_id)):
         raise ValueError(f"task id {task_id!r} does not start with {guest_task_prefix(instance_id)!r}")
     with signing_for(instance_id, key):
-        return app.send_task(
+        sent = app.send_task(
             task_name, kwargs=kwargs, task_id=task_id, queue=queue_for(instance_id, no_declare=True),
             # The queue exists (checked above); declaring again would re-create a deleted one.
             declare=[], expires=expires, kwargsrepr=kwargsrepr, delivery_mode=2)
+    _unsubscribe(task_id)
+    return sent
+
+
+def _unsubscribe(task_id: str) -> None:
+    """Leave the result channel Celery's Redis backend subscribed this process to on sending.
+
+    A guest's answer is read with a bounded GET (tasks/waiting.py) or by the taskmanager's own
+    listener, never through Celery's pub/sub: staying subscribed would grow a long-lived
+    process's subscriptions by one per guest message, and let a hostile guest's garbage on its
+    own answer channel reach the next ``AsyncResult.get()`` of this process, whatever result that
+    waits for. ``.get()`` on the returned result subscribes again (and reads what is stored).
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    cancel = getattr(consumer, "cancel_for", None)
+    if cancel is not None:
+        cancel(task_id)
 
 
 def ping(record: InstanceRecord, ping_id: str, *, expires: dt.datetime, wait_s: float) -> dict[str, Any] | None:
