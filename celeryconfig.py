@@ -78,7 +78,9 @@ broker_transport_options = {
     # (berth.config refuses RabbitMQ without them; tasks/masking.py passes the timeout and
     # `mandatory`, so an unroutable message raises too).
     "confirm_publish": True,
-    "confirm_timeout": _env_float("BERTH_CONFIRM_TIMEOUT_S", 10.0),
+    # 30 s: a quorum queue whose leader's node died confirms again once a new leader is
+    # elected, which took over 10 s on a loaded 2-core machine.
+    "confirm_timeout": _env_float("BERTH_CONFIRM_TIMEOUT_S", 30.0),
     # A cluster's URLs are tried in order when a node goes away.
     "failover_strategy": "round-robin",
 }

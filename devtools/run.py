@@ -174,7 +174,8 @@ def main() -> int:
                                               int(env["BERTH_RABBITMQ_DIST_PORT"]))).wait_ready()
         from kombu.utils.url import maybe_sanitize_url
 
-        print(f"broker:      {maybe_sanitize_url(env['CELERY_BROKER_URL'])}", flush=True)
+        shown = ";".join(str(maybe_sanitize_url(url)) for url in env["CELERY_BROKER_URL"].split(";"))
+        print(f"broker:      {shown}", flush=True)
         wait_for("the taskmanager", taskmanager_up)
         print("taskmanager: ready (celery -A tasks worker -Q taskmanager; guest API: -Q guestapi)", flush=True)
         wait_for("Flower", lambda: flower_up(env["FLOWER_PORT"], env["FLOWER_BASIC_AUTH"]))

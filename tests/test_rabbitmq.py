@@ -214,13 +214,16 @@ def test_malformed_and_unsigned_messages_on_a_guest_queue_are_dead_lettered(new_
     wait_until(lambda: rabbit().topology.inspect(guest_queue(instance_id)) == (0, 1), 15, message="queue drained")
 
 
-def test_a_rabbitmq_broker_that_is_down_gives_a_clear_error() -> None:
-    url = f"amqp://nobody:nothing@127.0.0.1:{free_ports(1)[0]}//"
+def test_a_rabbitmq_broker_that_is_down_gives_a_clear_error_naming_no_password() -> None:
+    first, second = free_ports(2)
+    # A cluster's failover list: every URL's password stays out of the message.
+    url = f"amqp://nobody:first-secret@127.0.0.1:{first}//;amqp://nobody:second-secret@127.0.0.1:{second}//"
     env = project_env(CELERY_BROKER_URL=url)
     out = subprocess.run([sys.executable, "-m", "workflows", "provision", "down-1", "--wait"], capture_output=True,
-                         text=True, cwd=PROJECT_DIR, env=env, timeout=60)
+                         text=True, cwd=PROJECT_DIR, env=env, timeout=90)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "broker unreachable at amqp://nobody:**@127.0.0.1" in out.stderr
+    assert "first-secret" not in out.stderr + out.stdout and "second-secret" not in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
 
 

@@ -190,7 +190,9 @@ def cmd_guest_api(args: argparse.Namespace) -> int:
 
 
 def broker_name() -> str:
-    return str(maybe_sanitize_url(app.conf.broker_url))
+    """The broker URL without its password: every URL of a cluster's failover list (kombu masks
+    only the first)."""
+    return ";".join(str(maybe_sanitize_url(url)) for url in str(app.conf.broker_url).split(";"))
 
 
 def check_broker() -> None:
