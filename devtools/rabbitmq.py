@@ -34,7 +34,6 @@ from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_f
 from devtools.broker import private_dir
 
 SERVER = Path(os.environ.get("BERTH_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server"
-CTL = SERVER.parent / "rabbitmqctl"
 ADMIN_USER = "berth-admin"
 # RabbitMQ's CLI tools take their own distribution port from this range: a node must not listen there.
 _CLI_PORTS = range(35672, 35683)
@@ -194,14 +193,6 @@ class RabbitNode:
         with urllib.request.urlopen(req, timeout=timeout_s) as response:
             raw = response.read()
         return json.loads(raw) if raw else None
-
-    def ctl(self, *args: str, timeout_s: float = 60.0) -> str:
-        """``rabbitmqctl -n NODE ARGS`` with this node's cookie; its output."""
-        done = subprocess.run([str(CTL), "-n", self.name, *args], env=self.env(), capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
-        if done.returncode != 0:
-            raise BootError(f"rabbitmqctl {' '.join(args)} on {self.name}: {done.stderr.strip() or done.stdout}")
-        return done.stdout
 
     def pid(self) -> int | None:
         """The node's Erlang VM (the server script execs into it)."""

@@ -28,7 +28,7 @@ import redis
 from berth.brokers.base import Broker, LiveGuests
 from berth.brokers.rabbitmq.admin import ManagementAPI, split_urls
 from berth.brokers.rabbitmq.queues import Topology
-from berth.brokers.redis import acl
+from berth.brokers.redis import acl, connect
 from berth.brokers.redis.queues import remove_instance_keys
 from berth.errors import BrokerRefused
 from berth.ids import guest_queue
@@ -59,13 +59,11 @@ class RabbitBroker(Broker):
 
     @functools.cached_property
     def store(self) -> redis.Redis:
-        return redis.Redis.from_url(self.result_backend, decode_responses=True, socket_connect_timeout=2.0,
-                                    socket_timeout=10.0, health_check_interval=30)
+        return connect(self.result_backend, decode=True)
 
     @functools.cached_property
     def raw_store(self) -> redis.Redis:
-        return redis.Redis.from_url(self.result_backend, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                    health_check_interval=30)
+        return connect(self.result_backend, decode=False)
 
     # --- Guest queues ------------------------------------------------------------------------------
 

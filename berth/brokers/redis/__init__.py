@@ -36,19 +36,19 @@ class RedisBroker(Broker):
 
     @functools.cached_property
     def client(self) -> redis.Redis:
-        return _connect(self.broker_url, decode=True)
+        return connect(self.broker_url, decode=True)
 
     @functools.cached_property
     def raw(self) -> redis.Redis:
-        return _connect(self.broker_url, decode=False)
+        return connect(self.broker_url, decode=False)
 
     @functools.cached_property
     def results(self) -> redis.Redis:
-        return _connect(self.result_backend, decode=True)
+        return connect(self.result_backend, decode=True)
 
     @functools.cached_property
     def raw_results(self) -> redis.Redis:
-        return _connect(self.result_backend, decode=False)
+        return connect(self.result_backend, decode=False)
 
     def _servers(self) -> list[redis.Redis]:
         """The broker, and the result backend when it is another server."""
@@ -123,7 +123,7 @@ class RedisBroker(Broker):
         return limit_warnings(self.client)
 
 
-def _connect(url: str, *, decode: bool) -> redis.Redis:
+def connect(url: str, *, decode: bool) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=decode, socket_connect_timeout=2.0, socket_timeout=10.0,
                                 health_check_interval=30)
 
@@ -143,4 +143,4 @@ def _own_queue_lookup(instance_id: str) -> None:
     redis_transport.Channel._lookup = lookup  # type: ignore[method-assign]
 
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "connect"]
