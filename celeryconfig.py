@@ -13,6 +13,7 @@ import os
 from berth.guestapi import OPERATIONS
 from berth.ids import STEPS, step_task_name
 from berth.paths import broker_url_file, rabbitmq_api_file, result_url_file
+from berth.tls import amqp_ssl, load_ca, redis_ssl, scheme
 
 
 def _env_float(name: str, default: float) -> float:
@@ -64,6 +65,17 @@ def _default_rabbitmq_api() -> str | None:
 
 
 berth_rabbitmq_api = os.environ.get("BERTH_RABBITMQ_API") or _default_rabbitmq_api()
+# --- TLS (docs/network.md) -----------------------------------------------------------------------
+# rediss:// and amqps:// URLs verify the broker against this CA (its PEM text, or a file holding it;
+# `guest-env` hands a guest the text), else against the system's CAs. Never unverified.
+berth_broker_ca = load_ca(os.environ.get("BERTH_BROKER_CA"))
+if scheme(broker_url) in ("rediss", "amqps"):
+    broker_use_ssl = redis_ssl(broker_url, berth_broker_ca) if scheme(broker_url) == "rediss" \
+        else amqp_ssl(berth_broker_ca)
+if scheme(result_backend) == "rediss":
+    redis_backend_use_ssl = redis_ssl(result_backend, berth_broker_ca)
+# A connection off loopback without TLS is refused (berth.config) unless this is set: a network you trust.
+berth_allow_cleartext = os.environ.get("BERTH_ALLOW_CLEARTEXT", "") not in ("", "0", "false", "no")
 broker_connection_retry_on_startup = True
 # A provisioning request against a broker that is down fails in seconds, not minutes.
 broker_connection_timeout = _env_float("BERTH_BROKER_CONNECT_TIMEOUT_S", 4.0)

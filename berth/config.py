@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from berth.errors import UnsafeSettings
+from berth.tls import hosts_of, is_loopback, uses_tls
 
 REDIS_SCHEMES = ("redis", "rediss")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -135,9 +136,25 @@ def _timing_problems(conf: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _cleartext_problems(conf: Mapping[str, Any]) -> list[str]:
+    """A connection off loopback must be TLS: it carries broker passwords and prepare's secrets."""
+    if conf.get("berth_allow_cleartext"):
+        return []
+    problems = []
+    for setting in ("broker_url", "result_backend"):
+        url = str(conf.get(setting) or "")
+        remote = sorted({host for host in hosts_of(url) if host and not is_loopback(host)})
+        if remote and not uses_tls(url):
+            problems.append(f"{setting} reaches {', '.join(remote)} off loopback without TLS: passwords and "
+                            "messages would cross the network in the clear; use rediss:// or amqps:// "
+                            "(docs/network.md), or set BERTH_ALLOW_CLEARTEXT=1 on a network you trust")
+    return problems
+
+
 def check_settings(conf: Mapping[str, Any]) -> list[str]:
     """Every problem with this combination of settings (empty when it is safe)."""
-    return _backend_problems(conf) + _visibility_problems(conf) + _timing_problems(conf)
+    return (_backend_problems(conf) + _cleartext_problems(conf) + _visibility_problems(conf)
+            + _timing_problems(conf))
 
 
 def ensure_safe(conf: Mapping[str, Any]) -> None:

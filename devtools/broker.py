@@ -25,7 +25,9 @@ from berth.redis_server import (
     PUBSUB_OUTPUT_LIMIT,
     free_port,
     redis_server_binary,
+    tls_redis_server_binary,
 )
+from berth.tls import Certificates, redis_ssl
 
 
 class BrokerError(RuntimeError):
@@ -61,16 +63,26 @@ def prepare_acl_file(data_dir: Path) -> Path:
     return path
 
 
-def admin_url(port: int, data_dir: Path) -> str:
-    return f"redis://:{admin_password(data_dir)}@127.0.0.1:{port}/0"
+def admin_url(port: int, data_dir: Path, tls: bool = False) -> str:
+    return f"{'rediss' if tls else 'redis'}://:{admin_password(data_dir)}@127.0.0.1:{port}/0"
 
 
-def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
-    """Command line for a durable, loopback-only redis-server keeping its files in data_dir."""
+def tls_args(port: int, tls: Certificates | None) -> list[str]:
+    """Plain on ``port``, or, with certificates, TLS only on it (no clear-text port at all)."""
+    if tls is None:
+        return ["--port", str(port)]
+    return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert), "--tls-key-file",
+            str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]
+
+
+def server_args(port: int, data_dir: Path, *extra: str, tls: Certificates | None = None,
+                bind: tuple[str, ...] = ()) -> list[str]:
+    """Command line for a durable redis-server keeping its files in data_dir, on loopback and on
+    ``bind`` (the addresses guests reach it at), TLS only when given certificates."""
     return [
-        redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
+        tls_redis_server_binary() if tls else redis_server_binary(),
+        *tls_args(port, tls),
+        "--bind", "127.0.0.1", *bind,
         "--dir", str(data_dir),
         "--aclfile", str(prepare_acl_file(data_dir)),
         # Every write is in the AOF, on disk, before its reply: a killed broker, or a crashed
@@ -88,10 +100,10 @@ def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def wait_until_ready(url: str, timeout_s: float = 15.0) -> None:
+def wait_until_ready(url: str, timeout_s: float = 15.0, ca_pem: str | None = None) -> None:
     """Block until the server at ``url`` answers PING and has loaded its AOF."""
     deadline = time.monotonic() + timeout_s
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, **redis_ssl(url, ca_pem))
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -104,25 +116,28 @@ def wait_until_ready(url: str, timeout_s: float = 15.0) -> None:
 
 
 class EmbeddedRedis:
-    """A redis-server child process on a free loopback port."""
+    """A redis-server child process on a free loopback port (and on ``bind``), TLS only with ``tls``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, data_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = (), *,
+                 tls: Certificates | None = None, bind: tuple[str, ...] = ()):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.tls = tls
+        self.bind = bind
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The admin URL (it carries the admin password)."""
-        return admin_url(self.port, self.data_dir)
+        return admin_url(self.port, self.data_dir, tls=self.tls is not None)
 
     def start(self) -> EmbeddedRedis:
         private_dir(self.data_dir)
-        args = server_args(self.port, self.data_dir, *self.extra_args)
+        args = server_args(self.port, self.data_dir, *self.extra_args, tls=self.tls, bind=self.bind)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         try:
-            wait_until_ready(self.url)
+            wait_until_ready(self.url, ca_pem=self.tls.ca_pem() if self.tls else None)
         except BrokerError:
             self.kill()
             raise

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from berth.errors import BootError
 from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_file, replace_file
+from berth.tls import Certificates
 from devtools.broker import private_dir
 
 SERVER = Path(os.environ.get("BERTH_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server"
@@ -73,8 +74,11 @@ class RabbitNode:
     """One private RabbitMQ node; its admin user's URL is `url`, its management API `api`."""
 
     def __init__(self, data_dir: Path, *, name: str | None = None, ports: tuple[int, int, int] | None = None,
-                 home: Path | None = None, password: str | None = None, peers: tuple[str, ...] = ()) -> None:
+                 home: Path | None = None, password: str | None = None, peers: tuple[str, ...] = (),
+                 tls: Certificates | None = None, bind: tuple[str, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
+        # With certificates, AMQP is TLS only (amqps), on loopback and on ``bind`` (where guests reach it).
+        self.tls, self.bind = tls, bind
         self.amqp_port, self.api_port, self.dist_port = ports or tuple(free_ports(3))
         self.name = name or f"berth-{self.amqp_port}@localhost"
         self.home = Path(home) if home else self.data_dir / "home"
@@ -95,7 +99,8 @@ class RabbitNode:
     @property
     def url(self) -> str:
         """The admin user's AMQP URL (it carries the password), on the default vhost."""
-        return f"amqp://{ADMIN_USER}:{quote(self.password, safe='')}@127.0.0.1:{self.amqp_port}//"
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{ADMIN_USER}:{quote(self.password, safe='')}@127.0.0.1:{self.amqp_port}//"
 
     @property
     def api(self) -> str:
@@ -119,7 +124,7 @@ class RabbitNode:
             (d / sub).mkdir(exist_ok=True)
         private_dir(self.home)
         replace_file(d / "rabbitmq.conf", "\n".join([
-            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}",
+            *self._listeners(),
             f"management.tcp.port = {self.api_port}",
             "management.tcp.ip = 127.0.0.1",
             f"default_user = {ADMIN_USER}",
@@ -141,6 +146,18 @@ class RabbitNode:
         replace_file(d / "enabled_plugins", "[rabbitmq_management].\n")
         replace_file(d / "rabbitmq-env.conf", "# Berth's private node: nothing from /etc/rabbitmq.\n")
         replace_file(d / "advanced.config", "[].\n")
+
+    def _listeners(self) -> list[str]:
+        addresses = ["127.0.0.1", *self.bind]
+        kind = "ssl" if self.tls else "tcp"
+        lines = [f"listeners.{kind}.{n} = {address}:{self.amqp_port}" for n, address in enumerate(addresses, 1)]
+        if self.tls:
+            lines += ["listeners.tcp = none", f"ssl_options.cacertfile = {self.tls.ca}",
+                      f"ssl_options.certfile = {self.tls.cert}", f"ssl_options.keyfile = {self.tls.key}",
+                      # Guests authenticate with their passwords; the broker with its certificate.
+                      "ssl_options.verify = verify_none", "ssl_options.fail_if_no_peer_cert = false",
+                      "ssl_options.versions.1 = tlsv1.3", "ssl_options.versions.2 = tlsv1.2"]
+        return lines
 
     # --- Life cycle ------------------------------------------------------------------------------
 

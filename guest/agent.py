@@ -13,7 +13,6 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery import Task
 from celery.signals import task_failure, task_success
 
@@ -24,6 +23,7 @@ from berth.config import store_url
 from berth.errors import InvalidField, InvalidMessage, PrepareError, SealError, WrongInstance
 from berth.paths import guest_dir
 from berth.spec import check_config, check_databases, check_users
+from berth.tls import redis_from_url
 from guest.authn import expiry_epoch
 from guest.celery_app import app
 from guest.datastores import get_manager
@@ -176,7 +176,7 @@ def _dead_letter(instance_id: str, reason: str, error: str, request: Any) -> Non
 
 
 def _broker() -> Any:
-    return redis.Redis.from_url(store_url(app.conf.broker_url, app.conf.result_backend), socket_connect_timeout=2.0)
+    return redis_from_url(store_url(app.conf.broker_url, app.conf.result_backend), socket_connect_timeout=2.0)
 
 
 @app.task(name="guest.shutdown", bind=True)

@@ -39,6 +39,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 import guest.authn as authn
 import guest.deadletters as deadletters
 from berth.config import store_url
+from berth.tls import redis_from_url
 from guest.identity import identity
 
 log = logging.getLogger("berth.guest")
@@ -377,7 +378,7 @@ class DeadLetteringConsumer(celery_consumer.Consumer):
             return
         try:
             if self._client is None:
-                self._client = redis.Redis.from_url(store_url(self.app.conf.broker_url, self.app.conf.result_backend),
+                self._client = redis_from_url(store_url(self.app.conf.broker_url, self.app.conf.result_backend),
                                                     socket_connect_timeout=2.0,
                                                     socket_timeout=5.0)
             deadletters.push(self._client, instance_id, entry)

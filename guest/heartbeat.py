@@ -16,13 +16,12 @@ import threading
 import time
 from typing import Any
 
-import redis
-
 from berth import __version__
 from berth.config import store_url
 from berth.ids import heartbeat_key
 from berth.paths import guest_dir, replace_file
 from berth.steps import ThreadStep
+from berth.tls import redis_from_url
 from guest.identity import identity
 from guest.state import datastore_status
 
@@ -45,7 +44,7 @@ def soon() -> None:
 class Reporter:
     def __init__(self, instance_id: str, broker_url: str) -> None:
         self.instance_id = instance_id
-        self.client = redis.Redis.from_url(broker_url, decode_responses=True, socket_connect_timeout=2.0,
+        self.client = redis_from_url(broker_url, decode_responses=True, socket_connect_timeout=2.0,
                                            socket_timeout=5.0)
         # The last number sent, kept on the guest's disk: a clock set back (NTP after a VM boots)
         # must not make every report of a restarted agent look older than the last one.

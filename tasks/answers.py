@@ -21,6 +21,7 @@ from berth.errors import Malformed
 from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, instance_of, prepare_task_id
 from berth.records import Status
 from berth.steps import ThreadStep
+from berth.tls import redis_from_url
 from berth.untrusted import MAX_ANSWER_BYTES, RateLimitedLog, as_text, one_line
 from tasks.runtime import records
 from tasks.taskmanager import _activate, prepare_answer
@@ -58,7 +59,7 @@ def on_answer(channel: bytes | str, data: bytes | str) -> bool:
 def listen(url: str, stopping: Any) -> None:
     """Apply prepare answers as they are published, until ``stopping`` is set or the connection fails."""
     # Bytes, not text: a guest may publish anything on its own channels.
-    client = redis.Redis.from_url(url, socket_connect_timeout=2.0)
+    client = redis_from_url(url, socket_connect_timeout=2.0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.psubscribe(CHANNEL_PATTERN)

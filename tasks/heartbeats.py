@@ -37,6 +37,7 @@ from berth.ids import HEARTBEAT_INDEX_KEY, RECORD_INDEX_KEY, heartbeat_key, reco
 from berth.keys import guest_key
 from berth.records import SERVING, Records, log_transition, text
 from berth.steps import ThreadStep
+from berth.tls import redis_from_url
 from berth.untrusted import (
     MAX_REPORT_BYTES,
     RateLimitedLog,
@@ -228,7 +229,7 @@ class HeartbeatMonitor(ThreadStep):
     def start(self, worker: Any) -> None:
         conf = worker.app.conf
         # Bytes, not text: the heartbeat lists hold whatever their guests pushed.
-        client = redis.Redis.from_url(store_url(conf.broker_url, conf.result_backend), socket_connect_timeout=2.0,
+        client = redis_from_url(store_url(conf.broker_url, conf.result_backend), socket_connect_timeout=2.0,
                                       socket_timeout=10.0)
         monitor = Monitor(client, float(conf.berth_heartbeat_expiry_s))
         period = float(conf.berth_heartbeat_check_s)

@@ -36,6 +36,7 @@ from berth.ids import NODES_KEY, lease_key, node_unacked_keys
 from berth.keys import check_master_key
 from berth.records import Records
 from berth.steps import berth_thread_names
+from berth.tls import redis_from_url
 from tasks.drivers import pid_alive
 from tasks.reconcile import reconcile
 from tasks.runtime import broker
@@ -173,7 +174,7 @@ class OwnUnacked(bootsteps.StartStopStep):
         app = worker.app
         nodename = worker.hostname
         ttl_s = float(app.conf.berth_node_lease_s)
-        client = redis.Redis.from_url(store_url(app.conf.broker_url, app.conf.result_backend), decode_responses=True,
+        client = redis_from_url(store_url(app.conf.broker_url, app.conf.result_backend), decode_responses=True,
                                       socket_connect_timeout=2.0)
         lease = Lease(app, client, nodename, ttl_s)
         try:

@@ -12,6 +12,7 @@ from berth.brokers import Broker, broker_for
 from berth.config import store_url
 from berth.keys import guest_key
 from berth.records import Records
+from berth.tls import redis_from_url, uses_tls
 from tasks.celery_app import app
 
 
@@ -23,27 +24,27 @@ def store() -> str:
 @functools.cache
 def redis_client() -> redis.Redis:
     """A decoded client on the store (redis-py reopens its pool after a fork)."""
-    return redis.Redis.from_url(store(), decode_responses=True,
+    return redis_from_url(store(), decode_responses=True,
                                 socket_connect_timeout=2.0, health_check_interval=30)
 
 
 @functools.cache
 def result_client() -> redis.Redis:
     """A decoded client on the result backend's Redis."""
-    return redis.Redis.from_url(app.conf.result_backend, decode_responses=True,
+    return redis_from_url(app.conf.result_backend, decode_responses=True,
                                 socket_connect_timeout=2.0, health_check_interval=30)
 
 
 @functools.cache
 def raw_redis_client() -> redis.Redis:
     """A client on the store that returns bytes: for what a guest may have written."""
-    return redis.Redis.from_url(store(), socket_connect_timeout=2.0, health_check_interval=30)
+    return redis_from_url(store(), socket_connect_timeout=2.0, health_check_interval=30)
 
 
 @functools.cache
 def raw_result_client() -> redis.Redis:
     """A client on the result backend's Redis that returns bytes: guests' answers are read with it."""
-    return redis.Redis.from_url(app.conf.result_backend, socket_connect_timeout=2.0, health_check_interval=30)
+    return redis_from_url(app.conf.result_backend, socket_connect_timeout=2.0, health_check_interval=30)
 
 
 @functools.cache
@@ -54,9 +55,13 @@ def broker() -> Broker:
 
 
 def guest_env(instance_id: str, request_id: str) -> dict[str, str]:
-    """What the guest of this instance needs, and nothing more: its broker user and its key."""
-    return {"BERTH_INSTANCE_ID": instance_id, **broker().guest_env(instance_id, request_id),
-            "BERTH_GUEST_KEY": guest_key(instance_id, request_id).text()}
+    """What the guest of this instance needs, and nothing more: its broker user and its key, and
+    the CA that signed the broker's certificate when it speaks TLS."""
+    env = {"BERTH_INSTANCE_ID": instance_id, **broker().guest_env(instance_id, request_id),
+           "BERTH_GUEST_KEY": guest_key(instance_id, request_id).text()}
+    if app.conf.berth_broker_ca and any(uses_tls(env[name]) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")):
+        env["BERTH_BROKER_CA"] = app.conf.berth_broker_ca
+    return env
 
 
 def records() -> Records:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from berth.tls import ensure_certificates, redis_ssl
 from devtools.broker import EmbeddedRedis
 from devtools.rabbitmq import RabbitCluster, RabbitNode
 
@@ -33,12 +34,16 @@ class TestBroker:
 
     ``which``: "redis", "rabbitmq" (one node) or "cluster" (three joined nodes, quorum queues)."""
 
-    def __init__(self, root: Path, which: str | None = None, *, queue_type: str = "classic") -> None:
+    def __init__(self, root: Path, which: str | None = None, *, queue_type: str = "classic",
+                 tls: bool = False, bind: tuple[str, ...] = ()) -> None:
+        """``tls``: broker and store speak TLS only, with certificates of their own CA; ``bind``: the
+        addresses besides loopback they listen on (a bridge that guests' namespaces reach)."""
         self.kind = which or kind()
         self.queue_type = "quorum" if self.kind == "cluster" else queue_type
-        self.store = EmbeddedRedis(root / "redis")
+        self.certs = ensure_certificates(root / "tls", list(bind)) if tls else None
+        self.store = EmbeddedRedis(root / "redis", tls=self.certs, bind=bind)
         self.cluster = RabbitCluster(root / "cluster") if self.kind == "cluster" else None
-        self.node = RabbitNode(root / "rabbitmq") if self.kind == "rabbitmq" else None
+        self.node = RabbitNode(root / "rabbitmq", tls=self.certs, bind=bind) if self.kind == "rabbitmq" else None
 
     def start(self) -> TestBroker:
         """Start whatever is not running (after `kill`: the broker, from its data)."""
@@ -83,6 +88,8 @@ class TestBroker:
 
     def env(self) -> dict[str, str]:
         env = {"CELERY_BROKER_URL": self.url, "CELERY_RESULT_BACKEND": self.store.url}
+        if self.certs is not None:
+            env["BERTH_BROKER_CA"] = str(self.certs.ca)
         if self.node is not None:
             env.update(BERTH_RABBITMQ_API=self.node.api, BERTH_QUEUE_TYPE=self.queue_type)
         if self.cluster is not None:
@@ -91,4 +98,5 @@ class TestBroker:
 
     def client(self) -> redis.Redis:
         """A decoded client on the store (instance records)."""
-        return redis.Redis.from_url(self.store.url, decode_responses=True)
+        return redis.Redis.from_url(self.store.url, decode_responses=True,
+                                    **redis_ssl(self.store.url, self.certs.ca_pem() if self.certs else None))

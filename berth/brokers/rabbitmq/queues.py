@@ -21,6 +21,7 @@ from amqp.exceptions import ChannelError, NotFound
 from kombu.connection import Connection
 
 from berth.ids import guest_queue
+from berth.tls import amqp_ssl, process_ca, uses_tls
 
 T = TypeVar("T")
 QUEUE_TYPES = ("classic", "quorum")
@@ -39,7 +40,8 @@ class Topology:
     def _chan(self) -> Any:
         if self._pid != os.getpid() or self._conn is None:
             self._conn = Connection(self.broker_url, connect_timeout=4, heartbeat=0,
-                                    transport_options={"max_retries": 2})
+                                    transport_options={"max_retries": 2},
+                                    ssl=amqp_ssl(process_ca()) if uses_tls(self.broker_url) else False)
             self._channel, self._pid = None, os.getpid()
         if self._channel is None or not getattr(self._channel, "is_open", True):
             self._conn.ensure_connection(max_retries=2)

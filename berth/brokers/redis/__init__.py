@@ -22,6 +22,7 @@ from berth.brokers.base import Broker, LiveGuests
 from berth.brokers.redis import acl, queues, unacked
 from berth.ids import guest_queue, unacked_keys
 from berth.redis_server import limit_warnings
+from berth.tls import redis_from_url
 
 
 class RedisBroker(Broker):
@@ -124,7 +125,7 @@ class RedisBroker(Broker):
 
 
 def connect(url: str, *, decode: bool) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=decode, socket_connect_timeout=2.0, socket_timeout=10.0,
+    return redis_from_url(url, decode_responses=decode, socket_connect_timeout=2.0, socket_timeout=10.0,
                                 health_check_interval=30)
 
 

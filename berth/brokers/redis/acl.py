@@ -195,8 +195,10 @@ def guest_urls(instance_id: str, request_id: str, broker_url: str, result_backen
 
 def isolation_problem(client: redis.Redis) -> str | None:
     """Why guests would not be isolated on this broker, or None."""
-    kwargs = client.connection_pool.connection_kwargs
-    probe = redis.Redis(**{k: v for k, v in kwargs.items() if k in ("host", "port", "db", "path")},
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in ("host", "port", "db", "path")
+              or k.startswith("ssl_")}
+    probe = redis.Redis(**kwargs, ssl=issubclass(pool.connection_class, redis.SSLConnection),
                         socket_connect_timeout=2.0)
     try:
         probe.ping()

@@ -26,6 +26,7 @@ from kombu.transport import redis as redis_transport
 from kombu.transport.virtual import QoS as virtual_QoS  # noqa: N812 - kombu's own name, kept apart
 
 from berth.ids import REQUEST_TASKS, SHARED_UNACKED_KEY, instance_of, node_unacked_keys
+from berth.tls import redis_from_url
 
 log = logging.getLogger("berth.unacked")
 # How often a consumer checks its own hash for messages it no longer holds, and how long one
@@ -98,7 +99,7 @@ class OwnHashQoS(redis_transport.QoS):
 
     def _client(self) -> Any:
         if self.channel.connection is None and self.broker_url:
-            return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2.0)
+            return redis_from_url(self.broker_url, socket_connect_timeout=2.0)
         return None
 
     def _pipe(self) -> Any:
