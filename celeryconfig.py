@@ -171,6 +171,13 @@ berth_chain_stop_wait_s = _env_float("BERTH_CHAIN_STOP_WAIT_S", 30.0)
 # A deleted instance's record stays this long for audit, then expires (7 days).
 berth_deleted_record_ttl_s = _env_float("BERTH_DELETED_RECORD_TTL_S", 7 * 86400.0)
 
+# --- Berth: the netns boot driver (docs/network.md) ---------------------------------------------
+# Guests hang off this bridge, one address of this subnet each; the broker listens on its first
+# address (the gateway) beside loopback. Guest i runs as uid berth_guest_uid_base + i.
+berth_netns_bridge = os.environ.get("BERTH_NETNS_BRIDGE", "berth0")
+berth_netns_subnet = os.environ.get("BERTH_NETNS_SUBNET", "10.213.0.0/16")
+berth_guest_uid_base = int(_env_float("BERTH_GUEST_UID_BASE", 200000))
+
 # --- Berth: taskmanager nodes ------------------------------------------------------------------
 # A taskmanager node renews its lease in Redis every third of this; when a node has been gone
 # this long, another node puts back the messages it had taken (see tasks/nodes.py).

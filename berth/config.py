@@ -136,7 +136,7 @@ def _timing_problems(conf: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _cleartext_problems(conf: Mapping[str, Any]) -> list[str]:
+def cleartext_problems(conf: Mapping[str, Any]) -> list[str]:
     """A connection off loopback must be TLS: it carries broker passwords and prepare's secrets."""
     if conf.get("berth_allow_cleartext"):
         return []
@@ -153,7 +153,7 @@ def _cleartext_problems(conf: Mapping[str, Any]) -> list[str]:
 
 def check_settings(conf: Mapping[str, Any]) -> list[str]:
     """Every problem with this combination of settings (empty when it is safe)."""
-    return (_backend_problems(conf) + _cleartext_problems(conf) + _visibility_problems(conf)
+    return (_backend_problems(conf) + cleartext_problems(conf) + _visibility_problems(conf)
             + _timing_problems(conf))
 
 

@@ -21,7 +21,7 @@ DATASTORES: dict[str, frozenset[str]] = {
     "redis": frozenset({"maxmemory", "maxmemory-policy"}),
     "noop": frozenset({"prepare_seconds", "fail"}),
 }
-BOOT_DRIVERS = ("local", "none")
+BOOT_DRIVERS = ("local", "netns", "none")
 
 # Patterns are used with fullmatch (a trailing newline is not allowed).
 USER_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")

@@ -2,8 +2,10 @@
 
 ``local`` starts the guest agent as a child process on this host, the way a cloud would
 boot a VM with the agent inside (an optional boot delay plays a slow VM); it stops the
-guest's whole process group, datastore included. ``none`` expects someone else to start
-``celery -A guest worker --instance-id ID``.
+guest's whole process group, datastore included. ``netns`` does the same in a network
+namespace of the guest's own, as an OS user of its own (berth/netns.py, berth/sandbox.py): the
+guest reaches the broker across a veth link, as a VM on another host would. ``none`` expects
+someone else to start ``celery -A guest worker --instance-id ID``.
 
 A guest gets its own broker user and its key in its environment (as Trove injects guest_info
 at boot), and none of the control plane's: not the admin broker URL, not the master key.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -23,12 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from berth.config import cleartext_problems
 from berth.errors import BootError
+from berth.netns import Link, Network, exec_in, owned_by, rehost, require_privileges
 from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
 from tasks.celery_app import app
 from tasks.runtime import guest_env
 
 BOOTED_BY = "booted_by"
+NETWORK_FILE = "network.json"
 REQUEST = "request_id"
 # What a guest inherits from its taskmanager's environment: the process basics and Berth's own
 # settings (deadlines, ...), and nothing else: not the admin broker URL, not the master key.
@@ -179,18 +185,22 @@ class LocalDriver:
         (home / BOOTED_BY).write_text(booted_by)
         return {"driver": self.name, "pid": proc.pid, "already_running": False}
 
-    def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
+    def _environment(self, instance_id: str, request_id: str) -> dict[str, str]:
         env = inherited(dict(os.environ))
         env.update(BERTH_HOME=str(self.home or berth_home()),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
                    **guest_env(instance_id, request_id))
+        return env
+
+    def _command(self, instance_id: str, home: Path, delay_s: float) -> list[str]:
+        return [sys.executable, "-m", "guest.launch", "--instance-id", instance_id, "--boot-delay", f"{delay_s:g}"]
+
+    def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
+        env = self._environment(instance_id, request_id)
+        command = self._command(instance_id, home, delay_s)
         with open(home / "agent.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "guest.launch", "--instance-id", instance_id,
-                 "--boot-delay", f"{delay_s:g}"],
-                cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-            )
+            proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, start_new_session=True)
         (home / AGENT_PIDFILE).write_text(str(proc.pid))
         _children[instance_id] = proc
         return proc
@@ -245,6 +255,76 @@ class LocalDriver:
         return stopped
 
 
+class NetnsDriver(LocalDriver):
+    """The guest agent in a network namespace of its own, as an OS user of its own.
+
+    Boot gives the instance a namespace, a veth on the bridge and an address (berth/netns.py),
+    hands the guest its disk (mode 0700, its own uid), and starts the agent through
+    berth/sandbox.py, which shows it only the interpreter, the project and that disk. The guest's
+    broker URLs name the bridge's address instead of loopback; off loopback they must be TLS
+    (berth.config refuses clear text unless BERTH_ALLOW_CLEARTEXT). Delete removes the link.
+    """
+
+    name = "netns"
+
+    def network(self) -> Network:
+        return Network(bridge=str(app.conf.berth_netns_bridge), subnet=str(app.conf.berth_netns_subnet),
+                       uid_base=int(app.conf.berth_guest_uid_base))
+
+    def allocations(self) -> Path:
+        return guests_root(self.home) / ".netns"
+
+    def boot(self, instance_id: str, delay_s: float, booted_by: str, request_id: str) -> dict[str, object]:
+        require_privileges()
+        result = super().boot(instance_id, delay_s, booted_by, request_id)
+        link = self.link(instance_id)
+        return {**result, "address": link.address if link else None}
+
+    def link(self, instance_id: str) -> Link | None:
+        try:
+            return Link(**json.loads((self.guest_dir(instance_id) / NETWORK_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _environment(self, instance_id: str, request_id: str) -> dict[str, str]:
+        env = super()._environment(instance_id, request_id)
+        gateway = self.network().gateway
+        for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+            env[name] = rehost(env[name], gateway)
+        problems = cleartext_problems({"broker_url": env["CELERY_BROKER_URL"],
+                                       "result_backend": env["CELERY_RESULT_BACKEND"],
+                                       "berth_allow_cleartext": app.conf.berth_allow_cleartext})
+        if problems:
+            raise BootError(f"the guest of {instance_id} would reach the broker at {gateway}: {problems[0]}")
+        env["HOME"] = str(self.guest_dir(instance_id))
+        for name in ("USER", "LOGNAME"):
+            env.pop(name, None)
+        return env
+
+    def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
+        env = self._environment(instance_id, request_id)  # before any link: a refused guest leaves none
+        link = self.network().attach(instance_id, self.allocations())
+        (home / NETWORK_FILE).write_text(link.to_json())
+        (home / AGENT_PIDFILE).touch()  # the guest's to write first, ours to write after the start
+        owned_by(home, link.uid)
+        (home / NETWORK_FILE).chmod(0o644)
+        sandbox = [sys.executable, "-m", "berth.sandbox", "--uid", str(link.uid), "--gid", str(link.uid),
+                   *(arg for path in (sys.executable, sys.base_prefix, sys.prefix, PROJECT_DIR, home)
+                     for arg in ("--expose", str(path))), "--"]
+        command = exec_in(link.netns, [*sandbox, *self._command(instance_id, home, delay_s)])
+        with open(home / "agent.log", "ab") as log:
+            proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, start_new_session=True)
+        (home / AGENT_PIDFILE).write_text(str(proc.pid))
+        _children[instance_id] = proc
+        return proc
+
+    def destroy(self, instance_id: str) -> bool:
+        stopped = super().destroy(instance_id)
+        self.network().detach(instance_id, self.allocations())
+        return stopped
+
+
 def _stop_timeout_s() -> float:
     return float(app.conf.berth_guest_stop_timeout_s)
 
@@ -256,4 +336,4 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-DRIVERS: dict[str, BootDriver] = {"local": LocalDriver(), "none": NoneDriver()}
+DRIVERS: dict[str, BootDriver] = {"local": LocalDriver(), "netns": NetnsDriver(), "none": NoneDriver()}

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Instance ids: {INSTANCE_ID_FORMAT}.")
     p.add_argument("instance_id", metavar="ID")
     p.add_argument("--datastore", default="noop", help="redis or noop (default: noop)")
-    p.add_argument("--boot", default="local", help="local (start the guest here) or none (default: local)")
+    p.add_argument("--boot", default="local", help="local (start the guest here), netns (here, in a network namespace "
+                   "and as an OS user of its own; needs root) or none (default: local)")
     p.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds the local guest takes to boot")
     p.add_argument("--ping-deadline", type=float, metavar="S", help="give up on the guest after S seconds")
     p.add_argument("--prepare-deadline", type=float, metavar="S", help="give prepare at most S seconds")
