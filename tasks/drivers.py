@@ -308,16 +308,21 @@ class NetnsDriver(LocalDriver):
         (home / AGENT_PIDFILE).touch()  # the guest's to write first, ours to write after the start
         owned_by(home, link.uid)
         (home / NETWORK_FILE).chmod(0o644)
-        sandbox = [sys.executable, "-m", "berth.sandbox", "--uid", str(link.uid), "--gid", str(link.uid),
-                   *(arg for path in (sys.executable, sys.base_prefix, sys.prefix, PROJECT_DIR, home)
-                     for arg in ("--expose", str(path))), "--"]
-        command = exec_in(link.netns, [*sandbox, *self._command(instance_id, home, delay_s)])
+        command = self.inside(link, home, self._command(instance_id, home, delay_s))
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True)
         (home / AGENT_PIDFILE).write_text(str(proc.pid))
         _children[instance_id] = proc
         return proc
+
+    @staticmethod
+    def inside(link: Link, home: Path, command: list[str]) -> list[str]:
+        """``command`` as the guest runs: in its namespace, as its user, seeing what it may see."""
+        sandbox = [sys.executable, "-m", "berth.sandbox", "--uid", str(link.uid), "--gid", str(link.uid),
+                   *(arg for path in (sys.executable, sys.base_prefix, sys.prefix, PROJECT_DIR, home)
+                     for arg in ("--expose", str(path))), "--"]
+        return exec_in(link.netns, [*sandbox, *command])
 
     def destroy(self, instance_id: str) -> bool:
         stopped = super().destroy(instance_id)

@@ -16,14 +16,14 @@ from tests.helpers import Proc, celery, project_env, wait_until, workflows_cli
 class Stack:
     def __init__(self, root: Path, home: Path | None = None, *, broker: str | None = None,
                  queue_type: str = "classic", tls: bool = False, bind: tuple[str, ...] = (),
-                 **env: str) -> None:
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.home = home or root / "home"
         # The session's broker kind (BERTH_TEST_BROKER) unless the test names one.
         self.broker = TestBroker(root, broker, queue_type=queue_type, tls=tls, bind=bind).start()
         self.env = project_env(**self.broker.env(), BERTH_HOME=str(self.home),
                                # Drills: a lapsed node is noticed within a second or two.
-                               BERTH_NODE_LEASE_S="3", **env)
+                               BERTH_NODE_LEASE_S="3", **(env or {}))
         self.taskmanagers: list[Proc] = []
 
     def start_taskmanager(self, name: str = "tm", **extra_env: str) -> Proc:
