@@ -321,7 +321,8 @@ class NetnsDriver(LocalDriver):
         """``command`` as the guest runs: in its namespace, as its user, seeing what it may see."""
         sandbox = [sys.executable, "-m", "berth.sandbox", "--uid", str(link.uid), "--gid", str(link.uid),
                    *(arg for path in (sys.executable, sys.base_prefix, sys.prefix, PROJECT_DIR, home)
-                     for arg in ("--expose", str(path))), "--"]
+                     for arg in ("--expose", str(path))),
+                   *(arg for path in (home.parent.parent, home.parent) for arg in ("--hide", str(path))), "--"]
         return exec_in(link.netns, [*sandbox, *command])
 
     def destroy(self, instance_id: str) -> bool:
