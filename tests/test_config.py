@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import celeryconfig
 from berth.config import check_settings
 from berth.paths import PROJECT_DIR
+from berth.tls import ensure_certificates, load_ca
 from tests.helpers import celery, project_env
 
 
@@ -45,15 +48,15 @@ def test_an_unsafe_combination_is_refused_naming_the_settings(changes: dict[str,
 def rabbitmq_settings(**changes: Any) -> dict[str, Any]:
     """The shipped settings as they are with CELERY_BROKER_URL=amqp://... (celeryconfig's RabbitMQ branch)."""
     transport = {"confirm_publish": True, "confirm_timeout": 10.0, **changes.pop("transport", {})}
-    conf = {**settings(), "broker_url": "amqp://berth:secret@rabbit.example:5672/berth",
-            "result_backend": "redis://:secret@redis.example:6379/0", "berth_queue_type": "quorum"}
+    conf = {**settings(), "broker_url": "amqps://berth:secret@rabbit.example:5671/berth",
+            "result_backend": "rediss://:secret@redis.example:6379/0", "berth_queue_type": "quorum"}
     return {**conf, "broker_transport_options": transport, **changes}
 
 
 def test_rabbitmq_with_confirms_and_a_redis_store_is_safe() -> None:
     assert check_settings(rabbitmq_settings()) == []
     # A cluster's failover list of URLs, too.
-    assert check_settings(rabbitmq_settings(broker_url="amqp://a:b@h1:5672//;amqp://a:b@h2:5672//")) == []
+    assert check_settings(rabbitmq_settings(broker_url="amqps://a:b@h1:5671//;amqps://a:b@h2:5671//")) == []
 
 
 @pytest.mark.parametrize(("changes", "named"), [
@@ -64,6 +67,7 @@ def test_rabbitmq_with_confirms_and_a_redis_store_is_safe() -> None:
     ({"result_backend": "amqp://berth:secret@rabbit.example//"}, ["result_backend", "'amqp'"]),
     ({"berth_queue_type": "stream"}, ["berth_queue_type", "BERTH_QUEUE_TYPE", "'stream'"]),
     ({"task_acks_late": False}, ["task_acks_late"]),
+    ({"broker_url": "amqps://a:b@h1:5671//;amqp://a:b@h2:5672//"}, ["broker_url", "h1, h2", "without TLS"]),
 ])
 def test_an_unsafe_rabbitmq_combination_is_refused_naming_the_settings(changes: dict[str, Any],
                                                                       named: list[str]) -> None:
@@ -84,3 +88,54 @@ def test_the_command_line_refuses_to_send_with_unsafe_settings() -> None:
     out = subprocess.run([sys.executable, "-m", "workflows", "list"], capture_output=True, text=True,
                          cwd=PROJECT_DIR, env=project_env(BERTH_RESULT_EXPIRES_S="5"), timeout=60)
     assert out.returncode == 2 and "result_expires (5 s, BERTH_RESULT_EXPIRES_S)" in out.stderr
+
+
+@pytest.mark.parametrize(("url", "refused"), [
+    ("redis://:pw@10.213.0.1:6379/0", True),
+    ("amqp://u:pw@broker.example:5672//", True),
+    ("rediss://:pw@10.213.0.1:6379/0", False),
+    ("amqps://u:pw@broker.example:5671//", False),
+    ("redis://:pw@127.0.0.1:6379/0", False),
+    ("redis://:pw@localhost:6379/0", False),
+    ("amqp://u:pw@[::1]:5672//", False),
+])
+def test_a_connection_off_loopback_must_be_tls(url: str, refused: bool) -> None:
+    """Off loopback, broker passwords and prepare's secrets would cross a network: TLS or an explicit yes."""
+    backend = url if url.startswith("redis") else "rediss://:pw@10.213.0.1:6379/0"
+    problems = [p for p in check_settings(settings(broker_url=url, result_backend=backend)) if "without TLS" in p]
+    assert bool(problems) == refused, problems
+    if refused:
+        assert "BERTH_ALLOW_CLEARTEXT" in problems[0] and "broker_url" in problems[0]
+        allowed = settings(broker_url=url, result_backend=backend, berth_allow_cleartext=True)
+        assert not [p for p in check_settings(allowed) if "without TLS" in p]
+
+
+def test_a_tls_url_makes_every_client_verify_the_broker(tmp_path: Path) -> None:
+    """celeryconfig with rediss:// and amqps://: certificates are required, against BERTH_BROKER_CA."""
+    certs = ensure_certificates(tmp_path / "tls", ["10.213.0.1"])
+    code = ("import json, celeryconfig as c; print(json.dumps([str(c.broker_use_ssl), "
+            "str(getattr(c, 'redis_backend_use_ssl', None))]))")
+    for broker, expected in (("rediss://:pw@10.213.0.1:1/0", "ssl_cert_reqs"),
+                             ("amqps://u:p@10.213.0.1:1//", "cadata")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR, timeout=60,
+                             env=project_env(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND="rediss://:pw@10.213.0.1:1/0",
+                                             BERTH_BROKER_CA=str(certs.ca)))
+        assert out.returncode == 0, out.stderr
+        broker_ssl, backend_ssl = json.loads(out.stdout)
+        assert expected in broker_ssl and "BEGIN CERTIFICATE" in broker_ssl
+        assert "VerifyMode.CERT_REQUIRED" in backend_ssl and "BEGIN CERTIFICATE" in backend_ssl
+
+
+def test_a_broker_ca_that_is_neither_pem_nor_a_file_is_named() -> None:
+    with pytest.raises(ValueError, match="BERTH_BROKER_CA='/nowhere/ca.pem' is neither"):
+        load_ca("/nowhere/ca.pem")
+
+
+def test_the_brokers_certificate_is_issued_again_for_a_new_address(tmp_path: Path) -> None:
+    first = ensure_certificates(tmp_path, ["10.1.0.1"])
+    ca, cert = first.ca.read_bytes(), first.cert.read_bytes()
+    assert ensure_certificates(tmp_path, ["10.1.0.1"]).cert.read_bytes() == cert, "kept while it covers the hosts"
+    again = ensure_certificates(tmp_path, ["10.2.0.1"])
+    assert again.cert.read_bytes() != cert and again.ca.read_bytes() == ca, "a new certificate, the same CA"
+    for path in (again.ca, again.cert, again.key, tmp_path / "ca.key"):
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
