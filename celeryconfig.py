@@ -12,6 +12,7 @@ import os
 
 from berth.guestapi import OPERATIONS
 from berth.ids import STEPS, step_task_name
+from berth.netns import DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_UID_BASE
 from berth.paths import broker_url_file, rabbitmq_api_file, result_url_file
 from berth.tls import amqp_ssl, load_ca, redis_ssl, scheme
 
@@ -174,9 +175,9 @@ berth_deleted_record_ttl_s = _env_float("BERTH_DELETED_RECORD_TTL_S", 7 * 86400.
 # --- Berth: the netns boot driver (docs/network.md) ---------------------------------------------
 # Guests hang off this bridge, one address of this subnet each; the broker listens on its first
 # address (the gateway) beside loopback. Guest i runs as uid berth_guest_uid_base + i.
-berth_netns_bridge = os.environ.get("BERTH_NETNS_BRIDGE", "berth0")
-berth_netns_subnet = os.environ.get("BERTH_NETNS_SUBNET", "10.213.0.0/16")
-berth_guest_uid_base = int(_env_float("BERTH_GUEST_UID_BASE", 200000))
+berth_netns_bridge = os.environ.get("BERTH_NETNS_BRIDGE") or DEFAULT_BRIDGE
+berth_netns_subnet = os.environ.get("BERTH_NETNS_SUBNET") or DEFAULT_SUBNET
+berth_guest_uid_base = int(_env_float("BERTH_GUEST_UID_BASE", DEFAULT_UID_BASE))
 
 # --- Berth: taskmanager nodes ------------------------------------------------------------------
 # A taskmanager node renews its lease in Redis every third of this; when a node has been gone

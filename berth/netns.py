@@ -34,6 +34,9 @@ WHY = {"CAP_CHOWN": "give the guest its disk", "CAP_SETGID": "run the guest as i
        "CAP_SETUID": "run the guest as its own user", "CAP_NET_ADMIN": "make namespaces, veth pairs and the bridge",
        "CAP_SYS_ADMIN": "enter namespaces and mount the guest's view of the files"}
 NETNS_DIR = Path("/run/netns")
+DEFAULT_BRIDGE = "berth0"
+DEFAULT_SUBNET = "10.213.0.0/16"
+DEFAULT_UID_BASE = 200000
 
 
 def missing_capabilities() -> list[str]:
@@ -81,9 +84,16 @@ class Link:
 class Network:
     """The bridge guests hang off, its subnet, and the OS users guests run as (uid_base + host index)."""
 
-    bridge: str = "berth0"
-    subnet: str = "10.213.0.0/16"
-    uid_base: int = 200000
+    bridge: str = DEFAULT_BRIDGE
+    subnet: str = DEFAULT_SUBNET
+    uid_base: int = DEFAULT_UID_BASE
+
+    @classmethod
+    def from_env(cls) -> Network:
+        """The network celeryconfig describes (BERTH_NETNS_BRIDGE, BERTH_NETNS_SUBNET, BERTH_GUEST_UID_BASE)."""
+        return cls(os.environ.get("BERTH_NETNS_BRIDGE") or DEFAULT_BRIDGE,
+                   os.environ.get("BERTH_NETNS_SUBNET") or DEFAULT_SUBNET,
+                   int(os.environ.get("BERTH_GUEST_UID_BASE") or DEFAULT_UID_BASE))
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.bridge) <= 15 or not self.bridge.replace("-", "").isalnum():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from berth.paths import broker_dir, broker_url_file, create_once, replace_file, result_url_file
+from berth.paths import berth_home, broker_dir, broker_url_file, create_once, replace_file, result_url_file
 from berth.redis_server import (
     MAX_VALUE,
     MAXMEMORY,
@@ -27,7 +27,7 @@ from berth.redis_server import (
     redis_server_binary,
     tls_redis_server_binary,
 )
-from berth.tls import Certificates, redis_ssl
+from berth.tls import Certificates, ensure_certificates, redis_ssl
 
 
 class BrokerError(RuntimeError):
@@ -166,14 +166,22 @@ class EmbeddedRedis:
         self.stop()
 
 
+def guest_facing() -> tuple[Certificates | None, tuple[str, ...]]:
+    """BERTH_BROKER_BIND: the addresses guests reach the broker at besides loopback (a netns bridge's);
+    with any, the broker speaks TLS only, with certificates under BERTH_HOME/tls naming them."""
+    bind = tuple(a for a in os.environ.get("BERTH_BROKER_BIND", "").split(",") if a)
+    return (ensure_certificates(berth_home() / "tls", list(bind)) if bind else None), bind
+
+
 def serve() -> None:
     """Replace this process with redis-server on BERTH_BROKER_PORT (Procfile's `broker`)."""
     port = int(os.environ.get("BERTH_BROKER_PORT") or free_port())
     data_dir = private_dir(broker_dir())
-    args = server_args(port, data_dir)
+    tls, bind = guest_facing()
+    args = server_args(port, data_dir, tls=tls, bind=bind)
     # Beside RabbitMQ (`BERTH_BROKER=rabbitmq make run`) this Redis is the store, not the broker.
     url_file = result_url_file() if os.environ.get("BERTH_BROKER") == "rabbitmq" else broker_url_file()
-    replace_file(url_file, admin_url(port, data_dir) + "\n", mode=0o600)
+    replace_file(url_file, admin_url(port, data_dir, tls=tls is not None) + "\n", mode=0o600)
     # Log to stdout under honcho, so its output shows next to the workers'.
     args[args.index("--logfile") + 1] = ""
     os.execv(args[0], args)

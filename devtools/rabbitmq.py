@@ -32,7 +32,7 @@ from urllib.parse import quote
 from berth.errors import BootError
 from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_file, replace_file
 from berth.tls import Certificates
-from devtools.broker import private_dir
+from devtools.broker import guest_facing, private_dir
 
 SERVER = Path(os.environ.get("BERTH_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server"
 ADMIN_USER = "berth-admin"
@@ -314,12 +314,16 @@ def serve() -> None:
     """One node in the foreground until SIGTERM/SIGINT (the Procfile's `rabbitmq`)."""
     ports = tuple(int(os.environ[k]) for k in ("BERTH_RABBITMQ_PORT", "BERTH_RABBITMQ_API_PORT",
                                               "BERTH_RABBITMQ_DIST_PORT") if os.environ.get(k))
-    node = RabbitNode(rabbitmq_dir(), ports=(ports[0], ports[1], ports[2]) if len(ports) == 3 else None)
+    tls, bind = guest_facing()
+    node = RabbitNode(rabbitmq_dir(), ports=(ports[0], ports[1], ports[2]) if len(ports) == 3 else None,
+                      tls=tls, bind=bind)
     node.start(log_to=rabbitmq_dir() / "server.out")
     # A second shell finds the node without any setting (celeryconfig reads these files).
     replace_file(broker_url_file(), node.url + "\n", mode=0o600)
     replace_file(rabbitmq_api_file(), node.api + "\n")
-    print(f"rabbitmq: node {node.name} ready on 127.0.0.1:{node.amqp_port} (management API {node.api})", flush=True)
+    where = ", ".join(f"{address}:{node.amqp_port}" for address in ("127.0.0.1", *bind))
+    print(f"rabbitmq: node {node.name} ready on {where}{' (TLS)' if tls else ''} (management API {node.api})",
+          flush=True)
     _wait_for_signal(node.stop, [node])
 
 

@@ -6,6 +6,9 @@ taskmanager, the guest API's worker and Flower
 from the Procfile with honcho, provisions a demo instance with a local guest and a real
 Redis datastore, prints each status change, how to connect, and Flower's address, then
 waits. Ctrl-C stops everything it started, local guests included.
+
+With ``BERTH_GUESTS=netns`` (as root) guests boot with the netns driver: each in a network
+namespace on the bridge, reaching the broker over TLS at the bridge's address (docs/network.md).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
+from berth.errors import BootError
+from berth.netns import Network, require_privileges
 from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file, rabbitmq_api_file, result_url_file
 from berth.redis_server import free_port, redis_cli_command
-from devtools.broker import admin_url, private_dir, wait_until_ready
+from berth.tls import Certificates
+from devtools.broker import admin_url, guest_facing, private_dir, wait_until_ready
 from devtools.rabbitmq import RabbitNode, rabbitmq_dir
 
 READY_TIMEOUT_S = 60.0
@@ -48,14 +54,19 @@ def environment(home: Path) -> tuple[dict[str, str], list[str]]:
     processes = ["taskmanager", "guestapi", "flower"]
     if env.get("BERTH_BROKER", "redis") not in ("redis", "rabbitmq"):
         raise SystemExit(f"error: BERTH_BROKER={env['BERTH_BROKER']!r}: expected redis or rabbitmq")
+    if guests() not in ("local", "netns"):
+        raise SystemExit(f"error: BERTH_GUESTS={guests()!r}: expected local or netns")
     if not env.get("CELERY_BROKER_URL"):
         port = free_port()
         env["BERTH_BROKER_PORT"] = str(port)
         private_dir(broker_dir())
-        env["CELERY_BROKER_URL"] = admin_url(port, broker_dir())
+        tls = None
+        if guests() == "netns":
+            tls = guest_network(env)
+        env["CELERY_BROKER_URL"] = admin_url(port, broker_dir(), tls=tls is not None)
         processes.insert(0, "broker")
         if env.get("BERTH_BROKER") == "rabbitmq":
-            node = RabbitNode(rabbitmq_dir())
+            node = RabbitNode(rabbitmq_dir(), tls=tls, bind=(Network.from_env().gateway,) if tls else ())
             env.update(BERTH_RABBITMQ_PORT=str(node.amqp_port), BERTH_RABBITMQ_API_PORT=str(node.api_port),
                        BERTH_RABBITMQ_DIST_PORT=str(node.dist_port), CELERY_RESULT_BACKEND=env["CELERY_BROKER_URL"],
                        CELERY_BROKER_URL=node.url, BERTH_RABBITMQ_API=node.api)
@@ -63,6 +74,27 @@ def environment(home: Path) -> tuple[dict[str, str], list[str]]:
     env.setdefault("FLOWER_PORT", "5555" if port_free(5555) else str(free_port()))
     env.setdefault("FLOWER_BASIC_AUTH", f"admin:{secrets.token_urlsafe(12)}")
     return env, processes
+
+
+def guests() -> str:
+    """How `make run` boots guests: local (the default) or netns (BERTH_GUESTS)."""
+    return os.environ.get("BERTH_GUESTS") or "local"
+
+
+def guest_network(env: dict[str, str]) -> Certificates:
+    """netns guests: the bridge, and the broker's certificates naming its address (BERTH_BROKER_BIND)."""
+    try:
+        require_privileges()
+        network = Network.from_env()
+        network.ensure_bridge()
+    except BootError as exc:
+        raise SystemExit(f"error: BERTH_GUESTS=netns: {exc}") from None
+    env["BERTH_BROKER_BIND"] = network.gateway
+    os.environ["BERTH_BROKER_BIND"] = network.gateway
+    tls, _ = guest_facing()
+    assert tls is not None
+    env["BERTH_BROKER_CA"] = str(tls.ca)
+    return tls
 
 
 def wait_for(what: str, check: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -105,9 +137,10 @@ def provision_demo(password: str) -> str | None:
     from workflows.cli import follow
 
     instance_id = next_demo_id()
-    request = {"datastore": "redis", "boot": "local", "boot_delay_s": 2.0,
+    request = {"datastore": "redis", "boot": guests(), "boot_delay_s": 2.0,
                "users": [{"name": DEMO_USER, "password": password}], "databases": [DEMO_DATABASE]}
-    print(f"\nprovisioning {instance_id}: redis datastore, local guest booting in 2 s", flush=True)
+    where = "in a network namespace of its own" if guests() == "netns" else "local"
+    print(f"\nprovisioning {instance_id}: redis datastore, {where} guest booting in 2 s", flush=True)
     sent = app.send_task("workflows.provision", args=[instance_id], kwargs=request)
     code = follow(instance_id, sent, timeout_s=120)
     return instance_id if code == 0 else None
@@ -142,9 +175,13 @@ def stop(honcho: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(honcho.pid, signal.SIGKILL)
             honcho.wait()
-    from tasks.drivers import LocalDriver
+    from tasks.drivers import DRIVERS, LocalDriver, NetnsDriver
 
     LocalDriver().stop_all()
+    netns = DRIVERS["netns"]
+    if isinstance(netns, NetnsDriver):
+        for instance_id in netns.linked():
+            netns.network().detach(instance_id)  # the disk and its address stay for the next run
     for started in (broker_url_file(), result_url_file(), rabbitmq_api_file()):
         started.unlink(missing_ok=True)
     print("stopped.", flush=True)
@@ -168,7 +205,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if "broker" in processes:
-            wait_until_ready(admin_url(int(env["BERTH_BROKER_PORT"]), broker_dir()), timeout_s=READY_TIMEOUT_S)
+            tls = "BERTH_BROKER_CA" in env
+            wait_until_ready(admin_url(int(env["BERTH_BROKER_PORT"]), broker_dir(), tls=tls), timeout_s=READY_TIMEOUT_S,
+                             ca_pem=Path(env["BERTH_BROKER_CA"]).read_text() if tls else None)
         if "rabbitmq" in processes:
             RabbitNode(rabbitmq_dir(), ports=(int(env["BERTH_RABBITMQ_PORT"]), int(env["BERTH_RABBITMQ_API_PORT"]),
                                               int(env["BERTH_RABBITMQ_DIST_PORT"]))).wait_ready()

@@ -280,6 +280,10 @@ class NetnsDriver(LocalDriver):
         link = self.link(instance_id)
         return {**result, "address": link.address if link else None}
 
+    def linked(self) -> list[str]:
+        """Instances of this host whose guests were given a link."""
+        return sorted(path.parent.name for path in guests_root(self.home).glob(f"*/{NETWORK_FILE}"))
+
     def link(self, instance_id: str) -> Link | None:
         try:
             return Link(**json.loads((self.guest_dir(instance_id) / NETWORK_FILE).read_text()))
@@ -304,6 +308,7 @@ class NetnsDriver(LocalDriver):
     def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
         env = self._environment(instance_id, request_id)  # before any link: a refused guest leaves none
         link = self.network().attach(instance_id, self.allocations())
+        env["BERTH_GUEST_ADDRESS"] = link.address
         (home / NETWORK_FILE).write_text(link.to_json())
         (home / AGENT_PIDFILE).touch()  # the guest's to write first, ours to write after the start
         owned_by(home, link.uid)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from berth.errors import BootError
 from berth.netns import Link
@@ -78,6 +79,12 @@ def test_a_guest_in_its_own_namespace_provisions_over_tls_as_its_own_user(stack:
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     urls = [item for item in env if item.startswith((b"CELERY_BROKER_URL=", b"CELERY_RESULT_BACKEND="))]
     assert urls and all(stack.network.gateway.encode() in url and b"s://" in url for url in urls), urls
+    # Its datastore answers at the guest's own address, across the bridge, with the prepared password.
+    connection = json.loads(stack.cli("show", instance_id).stdout)["connection"]
+    assert connection["host"] == link.address, connection
+    datastore = redis.Redis(host=link.address, port=connection["port"], username="app", password=PASSWORD,
+                            socket_connect_timeout=5)
+    assert datastore.ping()
     # Its address is its own, and nothing but the bridge is routed.
     routes = subprocess.run(["ip", "-n", link.netns, "-4", "route"], capture_output=True, text=True).stdout
     assert "default" not in routes and link.address in subprocess.run(

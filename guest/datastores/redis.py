@@ -32,6 +32,12 @@ START_TIMEOUT_S = 10.0
 USER_RULES = ("resetchannels", "+@all", "-@dangerous")
 
 
+
+def guest_address() -> str:
+    """Where clients reach this guest's datastore: its own address when its boot driver gave it one
+    (netns: BERTH_GUEST_ADDRESS), else loopback."""
+    return os.environ.get("BERTH_GUEST_ADDRESS") or "127.0.0.1"
+
 class RedisManager:
     name = "redis"
 
@@ -69,7 +75,8 @@ class RedisManager:
         if not acl.exists():
             acl.write_text(f"user default off\nuser {ADMIN_USER} on >{state['admin_password']} ~* &* +@all\n")
             os.chmod(acl, 0o600)
-        lines = [f"port {state['port']}", "bind 127.0.0.1", f"dir {self.dir}", f"aclfile {acl}",
+        lines = [f"port {state['port']}", f"bind {' '.join(dict.fromkeys(['127.0.0.1', guest_address()]))}",
+                 f"dir {self.dir}", f"aclfile {acl}",
                  "appendonly yes", f"logfile {self.dir / 'redis.log'}", "daemonize no",
                  f"pidfile {self.dir / 'redis.pid'}"]
         lines += [f"{key} {value}" for key, value in sorted(config.items())]
@@ -120,7 +127,7 @@ class RedisManager:
         except redis.RedisError as exc:
             raise PrepareError(f"creating users failed: {type(exc).__name__}") from None
         self._save_databases(sorted(set(self.databases()) | set(databases)))
-        return {"datastore": self.name, "host": "127.0.0.1", "port": state["port"],
+        return {"datastore": self.name, "host": guest_address(), "port": state["port"],
                 "users": [u["name"] for u in users], "databases": databases,
                 "key_prefixes": [f"{db}:" for db in databases]}
 
