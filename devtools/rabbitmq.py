@@ -116,7 +116,9 @@ class RabbitNode:
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
                 # Erlang distribution on loopback only, as AMQP and the management API.
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-                "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+                "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+                # An epmd this node starts listens on loopback only too.
+                "ERL_EPMD_ADDRESS": "127.0.0.1"}
 
     def _write_config(self) -> None:
         d = private_dir(self.data_dir)

@@ -95,6 +95,25 @@ def test_a_guest_in_its_own_namespace_provisions_over_tls_as_its_own_user(stack:
     assert subprocess.run(["ip", "link", "show", link.host_veth], capture_output=True).returncode != 0
 
 
+def listening(pid: int) -> set[str]:
+    """The addresses process ``pid`` (and its children: RabbitMQ's helpers) accepts TCP connections on."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    pids = {str(pid), *Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return {line.split()[3].rpartition(":")[0].strip("[]") for line in out.splitlines()
+            if any(f"pid={p}," in line for p in pids)}
+
+
+def test_the_broker_listens_on_loopback_and_the_bridge_only(stack: NetnsStack) -> None:
+    servers = [stack.broker.store.process.pid] if stack.broker.store.process else []
+    if stack.broker.node is not None and stack.broker.node.pid():
+        servers.append(int(stack.broker.node.pid() or 0))
+    assert servers
+    for pid in servers:
+        addresses = listening(pid)
+        assert addresses and addresses <= {"127.0.0.1", stack.network.gateway}, (pid, addresses)
+    assert stack.network.gateway in listening(servers[-1]), "guests could not reach the broker"
+
+
 def test_a_guest_reads_nothing_of_the_control_plane_or_of_other_guests(stack: NetnsStack) -> None:
     mine, other = unique_id("ns"), unique_id("ns")
     for instance_id in (mine, other):
