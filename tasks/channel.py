@@ -14,6 +14,7 @@ from typing import Any
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
+import tasks.outcomes as outcomes
 import tasks.waiting as waiting
 from berth.errors import QueueMissing
 from berth.guestapi import check_pong
@@ -45,7 +46,8 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
             key: GuestKey, kwargsrepr: str | None = None) -> AsyncResult:
     """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry,
     signed with the guest's key (the guest refuses anything else). Raises QueueMissing rather
-    than let the broker invent a queue that was never declared."""
+    than let the broker invent a queue that was never declared. Its outcome will show in Flower
+    (`tasks.outcomes`)."""
     if not broker().guest_queue_exists(instance_id):
         raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
     if not task_id.startswith(guest_task_prefix(instance_id)):
@@ -56,6 +58,7 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
             # The queue exists (checked above); declaring again would re-create a deleted one.
             declare=[], expires=expires, kwargsrepr=kwargsrepr, delivery_mode=2)
     _unsubscribe(task_id)
+    outcomes.expect(task_id, task_name, expires.timestamp())
     return sent
 
 
