@@ -315,8 +315,13 @@ def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: fl
 
 def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
     records().update(instance_id, guest_ready_at=time.time(), guest_version=pong["version"])
-    log.info("instance %s: guest answered ping (attempts=%d version=%s)", instance_id, attempts,
-             pong.get("version"))
+    try:
+        address = channel.note_guest_address(instance_id)
+    except Exception as exc:  # noqa: BLE001 - shown by `show` later; never fails provisioning
+        address = None
+        log.warning("instance %s: guest address not recorded: %s: %s", instance_id, type(exc).__name__, exc)
+    log.info("instance %s: guest answered ping (attempts=%d version=%s address=%s)", instance_id, attempts,
+             pong.get("version"), address)
     return instance_id
 
 
