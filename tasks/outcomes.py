@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from celery import current_task
+from celery.signals import celeryd_after_setup
 from celery.utils.saferepr import saferepr
 
 import tasks.waiting as waiting
@@ -70,7 +71,8 @@ class Outcome:
             return {"result": self.detail, "runtime": None}
         if self.state == FAILURE:
             return {"exception": self.detail, "traceback": ""}
-        return {"reason": self.detail, "terminated": False, "signum": None, "expired": self.state == EXPIRED}
+        # Flower serves only Celery's own task fields: why it expired or was dropped goes in ``exception``.
+        return {"exception": self.detail, "terminated": False, "signum": None, "expired": self.state == EXPIRED}
 
 
 # --- Deciding ---------------------------------------------------------------------------------
@@ -200,6 +202,13 @@ def on_published(channel: bytes | str, data: bytes | str) -> bool:
 _thread_origin: str | None = None
 
 
+@celeryd_after_setup.connect
+def _speak_as(sender: str | None = None, **_: Any) -> None:
+    """This worker's node name, for what its threads (the listener, the sweeper) observe."""
+    global _thread_origin  # noqa: PLW0603 - one node name per process, set once at start
+    _thread_origin = sender
+
+
 def origin() -> str | None:
     """The node that speaks: the worker running the current task, or the one running the threads."""
     request = getattr(current_task, "request", None) if current_task else None
@@ -219,9 +228,6 @@ class OutcomeSweeper(ThreadStep):
     thread_name = "berth-outcome-sweeper"
 
     def start(self, worker: Any) -> None:
-        global _thread_origin  # noqa: PLW0603 - one node name per process, set once at start
-        _thread_origin = worker.hostname
-
         def run() -> None:
             while not self.stopping.wait(float(setting("outcome_sweep_s"))):
                 try:

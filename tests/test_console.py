@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from berth.errors import GuestTimeout
-from berth.ids import guest_task_prefix
+from berth.ids import guest_task_prefix, instance_of
 from berth.records import Records, Status
+from tasks import outcomes
 from tasks.drivers import LocalDriver
-from tests.helpers import FlowerClient, wait_for_status, wait_until, workflows_cli
+from tests.helpers import FlowerClient, unique_id, wait_for_status, wait_until, workflows_cli
 from workflows import api, submit, submit_delete
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("taskmanager")]
@@ -145,3 +147,21 @@ def test_show_list_and_metrics_say_where_the_guest_connects_from_and_how(
     _, metrics = flower.get("/metrics", auth=False)
     assert (f'berth_guest_connection_info{{host="127.0.0.1",instance_id="{instance_id}",transport="plain"}} 1.0'
             in metrics), [m for m in metrics.splitlines() if "berth_guest" in m]
+
+
+def test_an_outcome_is_told_once_and_one_that_could_not_be_sent_keeps_its_state(
+        flower: FlowerClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    task_id = f"{unique_id('cpo')}.guest.ping0.x"
+    outcomes.expect(task_id, "guest.ping", time.time() + 3600)
+
+    def broker_away(*_: Any) -> None:
+        raise ConnectionError("broker away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(outcomes, "_send", broker_away)
+        assert not outcomes.settle(task_id, outcomes.Outcome(outcomes.EXPIRED, "first decision"))
+    # Told later (here, or by a taskmanager's sweeper first) with the outcome decided first.
+    outcomes.settle(task_id, outcomes.Outcome(outcomes.SUCCESS, "'late'"))
+    assert not outcomes.settle(task_id, outcomes.Outcome(outcomes.SUCCESS, "'again'"))
+    info = wait_until(lambda: guest_messages(flower, instance_of(task_id)).get(task_id) or {}, 20, message="told")
+    assert (info["state"], info["exception"], info["name"]) == ("EXPIRED", "first decision", "guest.ping")
