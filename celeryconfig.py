@@ -207,3 +207,10 @@ berth_guest_ping_timeout_s = _env_float("BERTH_GUEST_PING_TIMEOUT_S", 3.0)
 berth_guest_call_timeout_s = _env_float("BERTH_GUEST_CALL_TIMEOUT_S", 10.0)
 berth_guest_call_timeout_max_s = _env_float("BERTH_GUEST_CALL_TIMEOUT_MAX_S", 120.0)
 berth_guest_cast_ttl_s = _env_float("BERTH_GUEST_CAST_TTL_S", 300.0)
+
+# --- Berth: what Flower shows of guest messages (seconds; tasks/outcomes.py) --------------------
+# A guest message unanswered this long past its expiry shows EXPIRED (a guest that took it just
+# before its expiry may still be answering).
+berth_outcome_grace_s = _env_float("BERTH_OUTCOME_GRACE_S", 5.0)
+# How often each taskmanager node looks for guest messages past their expiry.
+berth_outcome_sweep_s = _env_float("BERTH_OUTCOME_SWEEP_S", 1.0)

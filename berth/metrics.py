@@ -102,7 +102,10 @@ class BerthCollector(Collector):
       ``berth_*`` series, and the scrape still succeeds);
     - ``berth_instances{status}``: instance records by status, every status (0 included);
     - ``berth_step_duration_seconds{step}``: histogram, a step's first run to its success;
-    - ``berth_transitions_total{from,to}``: status changes.
+    - ``berth_transitions_total{from,to}``: status changes;
+    - ``berth_guest_connection_info{instance_id,host,transport}``: 1 for each instance not
+      DELETED whose guest's connections the taskmanager saw (when it answered a ping, or at a
+      `show`): the address it connects from and ``tls``, ``plain`` or ``mixed``.
     """
 
     def __init__(self, client: Callable[[], redis.Redis]) -> None:
@@ -110,7 +113,7 @@ class BerthCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Names only: registering reads no Redis (Flower registers before it connects anywhere).
-        return [self._up(1), *self._families(Counter(), {}, {})]
+        return [self._up(1), *self._families(Counter(), {}, {}), self._guests([])]
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -120,7 +123,8 @@ class BerthCollector(Collector):
                 pipe.hgetall(STEP_HISTOGRAM_KEY)
                 pipe.hgetall(TRANSITIONS_KEY)
                 ids, steps, transitions = pipe.execute()
-            families = self._families(self._count_statuses(client, ids), steps, transitions)
+            rows = self._read_records(client, ids)
+            families = [*self._families(Counter(row[0] for row in rows), steps, transitions), self._guests(rows)]
         except Exception as exc:  # noqa: BLE001 - a scrape must succeed whatever Redis does
             log.warning("berth metrics unavailable: %s: %s", type(exc).__name__, exc)
             return [self._up(0)]
@@ -132,15 +136,29 @@ class BerthCollector(Collector):
                                              "Redis at this scrape, 0 when not", value=value)
 
     @staticmethod
-    def _count_statuses(client: redis.Redis, ids: list[Any]) -> Counter[str]:
-        counts: Counter[str] = Counter()
+    def _read_records(client: redis.Redis, ids: list[Any]) -> list[tuple[str, str, str | None, str | None]]:
+        """(status, instance id, guest host, guest transport) of every record."""
+        rows = []
         for start in range(0, len(ids), SCRAPE_CHUNK):
+            chunk = [_text(raw) for raw in ids[start:start + SCRAPE_CHUNK]]
             with client.pipeline(transaction=False) as pipe:
-                for raw in ids[start:start + SCRAPE_CHUNK]:
-                    pipe.hget(record_key(_text(raw)), "status")
+                for instance_id in chunk:
+                    pipe.hmget(record_key(instance_id), "status", "guest_host", "guest_transport")
                 # A record that expired (deleted, past its audit time) is simply not counted.
-                counts.update(_text(s) for s in pipe.execute() if s is not None)
-        return counts
+                rows += [(_text(status), instance_id, _maybe(host), _maybe(transport))
+                         for instance_id, (status, host, transport) in zip(chunk, pipe.execute(), strict=True)
+                         if status is not None]
+        return rows
+
+    @staticmethod
+    def _guests(rows: list[tuple[str, str, str | None, str | None]]) -> Metric:
+        info = GaugeMetricFamily("berth_guest_connection_info", "Where each instance's guest connects to the broker "
+                                 "from, and how (tls, plain or mixed), as last seen",
+                                 labels=["instance_id", "host", "transport"])
+        for status, instance_id, host, transport in rows:
+            if host and status != Status.DELETED.value:
+                info.add_metric([instance_id, host, transport or "unknown"], 1)
+        return info
 
     def _families(self, statuses: Counter[str], steps: dict[Any, Any],
                   transitions: dict[Any, Any]) -> list[Metric]:
@@ -177,6 +195,10 @@ def histograms(raw: dict[Any, Any]) -> dict[str, tuple[list[tuple[str, float]], 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _maybe(value: Any) -> str | None:
+    return None if value is None else _text(value)
 
 
 _registered: weakref.WeakKeyDictionary[CollectorRegistry, BerthCollector] = weakref.WeakKeyDictionary()

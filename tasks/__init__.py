@@ -11,6 +11,7 @@ from tasks.answers import PrepareAnswers
 from tasks.celery_app import app
 from tasks.heartbeats import HeartbeatMonitor
 from tasks.nodes import OwnUnacked
+from tasks.outcomes import OutcomeSweeper
 from tasks.runtime import broker
 
 # Each node keeps its in-flight messages apart and takes them back when it (re)connects.
@@ -19,6 +20,8 @@ app.steps["worker"].add(OwnUnacked)
 app.steps["worker"].add(HeartbeatMonitor)
 # A guest's answer to prepare makes its instance ACTIVE the moment it is stored (tasks/answers.py).
 app.steps["worker"].add(PrepareAnswers)
+# What became of each guest message, told to Flower at its expiry when no answer told it earlier.
+app.steps["worker"].add(OutcomeSweeper)
 # What the broker needs of every consumer (Redis: each puts back what it held unacknowledged).
 for _step in broker().consumer_steps():
     app.steps["consumer"].add(_step)

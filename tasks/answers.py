@@ -7,15 +7,20 @@ Celery's Redis backend makes when a guest stores a result (``celery-task-meta-<i
 and makes the instance ACTIVE at once when it is the answer its current provisioning waits for.
 The transition is the same compare-and-set `verify` uses (BUILD -> ACTIVE, once, whoever is
 first); failures and timeouts stay `verify`'s to decide.
+
+The same listener hears every other guest answer too, and hands each to `tasks.outcomes`, which
+tells Flower what became of that message.
 """
 
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatchcase
 from typing import Any
 
 import redis
 
+import tasks.outcomes as outcomes
 import tasks.waiting as waiting
 from berth.errors import Malformed
 from berth.ids import GUEST_TASK_MARK, INSTANCE_ID_RE, RESULT_KEY_PREFIX, instance_of, prepare_task_id
@@ -62,7 +67,8 @@ def listen(url: str, stopping: Any) -> None:
     client = redis_from_url(url, socket_connect_timeout=2.0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        pubsub.psubscribe(CHANNEL_PATTERN)
+        # Every guest answer (prepare's among them): see `_apply`.
+        pubsub.psubscribe(outcomes.ANSWER_PATTERN)
         while not stopping.is_set():
             message = pubsub.get_message(timeout=1.0)
             if message and message.get("type") == "pmessage":
@@ -73,11 +79,17 @@ def listen(url: str, stopping: Any) -> None:
 
 
 def _apply(channel: bytes, data: bytes) -> None:
+    source = one_line(channel, 120)
+    if fnmatchcase(bytes(channel).decode("utf-8", "replace"), CHANNEL_PATTERN):
+        try:
+            on_answer(channel, data)
+        except Exception as exc:  # noqa: BLE001 - verify decides whatever this could not
+            _complaints.warn(source, "prepare answer on %s not applied (%s: %s); verify will", source,
+                             type(exc).__name__, one_line(exc, 200))
     try:
-        on_answer(channel, data)
-    except Exception as exc:  # noqa: BLE001 - verify decides whatever this could not
-        source = one_line(channel, 120)
-        _complaints.warn(source, "prepare answer on %s not applied (%s: %s); verify will", source,
+        outcomes.on_published(channel, data)
+    except Exception as exc:  # noqa: BLE001 - the sweeper tells it at the message's expiry
+        _complaints.warn(f"outcome {source}", "outcome of the answer on %s not told (%s: %s)", source,
                          type(exc).__name__, one_line(exc, 200))
 
 

@@ -14,7 +14,9 @@ from typing import Any
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
+import tasks.outcomes as outcomes
 import tasks.waiting as waiting
+from berth.brokers import hosts_of, transport_of
 from berth.errors import QueueMissing
 from berth.guestapi import check_pong
 from berth.ids import guest_queue, guest_task_prefix
@@ -22,7 +24,7 @@ from berth.keys import GuestKey, guest_key
 from berth.records import InstanceRecord
 from tasks.celery_app import app
 from tasks.masking import signing_for
-from tasks.runtime import broker, raw_result_client
+from tasks.runtime import broker, raw_result_client, records
 
 
 def queue_for(instance_id: str, *, no_declare: bool = False) -> Queue:
@@ -45,7 +47,8 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
             key: GuestKey, kwargsrepr: str | None = None) -> AsyncResult:
     """Send one task to a guest's pre-created queue: persistent, with a fixed id and an expiry,
     signed with the guest's key (the guest refuses anything else). Raises QueueMissing rather
-    than let the broker invent a queue that was never declared."""
+    than let the broker invent a queue that was never declared. Its outcome will show in Flower
+    (`tasks.outcomes`)."""
     if not broker().guest_queue_exists(instance_id):
         raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
     if not task_id.startswith(guest_task_prefix(instance_id)):
@@ -56,6 +59,7 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
             # The queue exists (checked above); declaring again would re-create a deleted one.
             declare=[], expires=expires, kwargsrepr=kwargsrepr, delivery_mode=2)
     _unsubscribe(task_id)
+    outcomes.expect(task_id, task_name, expires.timestamp())
     return sent
 
 
@@ -92,3 +96,14 @@ def pong_of(instance_id: str, ping_id: str) -> dict[str, Any] | None:
     """The pong to an earlier ping, if the guest has answered it by now."""
     answer = waiting.peek(raw_result_client(), ping_id)
     return check_pong(answer.result, instance_id) if answer is not None and answer.ok else None
+
+
+def note_guest_address(instance_id: str) -> dict[str, str] | None:
+    """Where the guest connects from and how (``tls``, ``plain``, ``mixed``), as the broker sees its
+    connections now, kept on the record for `list` and the metrics; None when it has none open."""
+    connections = broker().guest_connections(instance_id)
+    if not connections:
+        return None
+    fields = {"guest_host": hosts_of(connections), "guest_transport": transport_of(connections)}
+    records().update(instance_id, **fields)
+    return fields

@@ -24,6 +24,7 @@ from celery import Task
 
 import tasks.channel as channel
 import tasks.heartbeats as heartbeats
+import tasks.outcomes as outcomes
 import tasks.waiting as waiting
 from berth.errors import InstanceNotDeleting, InstanceNotFound
 from berth.ids import deadletter_key, guest_task_id
@@ -154,6 +155,8 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
     # somewhere can write none of the keys removed next.
     broker().revoke_guest(instance_id)
     heartbeats.forget(redis_client(), instance_id)
+    # Flower: what the guest answered shows as it answered; anything else is dropped now.
+    outcomes.close(instance_id, outcomes.REVOKED, "dropped by delete")
     removed = broker().remove_instance(instance_id, extra_task_ids=(record["request_id"],))
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
                          deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,

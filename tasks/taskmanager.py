@@ -20,6 +20,7 @@ from celery.exceptions import Reject
 
 import tasks.channel as channel
 import tasks.heartbeats as heartbeats
+import tasks.outcomes as outcomes
 import tasks.secrets as secrets
 import tasks.waiting as waiting
 from berth import checkpoints, metrics
@@ -139,6 +140,10 @@ def _mark_failed(instance_id: str, reason: Reason, step: str, error: str) -> boo
     # a guest that comes (back) later finds nothing to run.
     broker().purge_guest_queue(instance_id)
     broker().forget_guest_unacked(instance_id)
+    # Flower: what the guest never answered expired (it was not there in time) or was dropped.
+    expired = reason in (Reason.GUEST_UNREACHABLE, Reason.PREPARE_TIMEOUT)
+    outcomes.close(instance_id, outcomes.EXPIRED if expired else outcomes.REVOKED,
+                   f"instance failed: {reason.value}" if expired else f"dropped: instance failed ({reason.value})")
     return True
 
 
@@ -310,8 +315,13 @@ def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: fl
 
 def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
     records().update(instance_id, guest_ready_at=time.time(), guest_version=pong["version"])
-    log.info("instance %s: guest answered ping (attempts=%d version=%s)", instance_id, attempts,
-             pong.get("version"))
+    try:
+        address = channel.note_guest_address(instance_id)
+    except Exception as exc:  # noqa: BLE001 - shown by `show` later; never fails provisioning
+        address = None
+        log.warning("instance %s: guest address not recorded: %s: %s", instance_id, type(exc).__name__, exc)
+    log.info("instance %s: guest answered ping (attempts=%d version=%s address=%s)", instance_id, attempts,
+             pong.get("version"), address)
     return instance_id
 
 

@@ -376,7 +376,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     record = records().get(args.instance_id)
     if record is None:
         raise CliError(f"no instance {args.instance_id!r}", EXIT_FAILED)
-    print(json.dumps(describe(record), indent=2, sort_keys=True))
+    connected = None
+    if record.status is not Status.DELETED:
+        # The guest's address and transport, live from the broker (and kept on the record).
+        connected = channel.note_guest_address(record.instance_id) is not None
+        record = records().get(record.instance_id) or record
+    print(json.dumps({**describe(record), "guest_connected": connected}, indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -386,10 +391,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([describe(r) for r in rows], indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"{'ID':<24} {'STATUS':<8} {'REASON':<18} {'DATASTORE':<9} CREATED")
+    # The guest's address and transport as recorded when it last answered a ping (or by `show`).
+    print(f"{'ID':<24} {'STATUS':<8} {'REASON':<18} {'DATASTORE':<9} {'GUEST HOST':<15} {'TRANSPORT':<9} CREATED")
     for r in rows:
         print(f"{r.instance_id:<24} {r.status.value:<8} {escape(r.reason or '-'):<18} {escape(r['datastore']):<9} "
-              f"{_iso(r['created_at'])}")
+              f"{r.get('guest_host') or '-':<15} {r.get('guest_transport') or '-':<9} {_iso(r['created_at'])}")
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from berth.brokers.base import Broker, LiveGuests
+from berth.brokers.base import Broker, GuestConnection, LiveGuests, hosts_of, transport_of
 from berth.brokers.rabbitmq import RabbitBroker
 from berth.brokers.rabbitmq.admin import ManagementUnreachable
 from berth.brokers.redis import RedisBroker
@@ -50,5 +50,5 @@ def broker_for(broker_url: str, result_backend: str, *, queue_type: str = "class
                             f"(served: {', '.join(s + '://' for s in REDIS_SCHEMES + AMQP_SCHEMES)})")
 
 
-__all__ = ["CONNECTION_ERRORS", "Broker", "LiveGuests", "RabbitBroker", "RedisBroker", "UnsupportedBroker",
-           "broker_for"]
+__all__ = ["CONNECTION_ERRORS", "Broker", "GuestConnection", "LiveGuests", "RabbitBroker", "RedisBroker",
+           "UnsupportedBroker", "broker_for", "hosts_of", "transport_of"]

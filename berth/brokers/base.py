@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 # (instance id, provisioning request id) of every instance whose guest holds broker credentials.
 LiveGuests = Callable[[], Iterable[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class GuestConnection:
+    """One open connection of a guest, as the broker sees it: the peer's address, and whether it
+    uses TLS (None when the broker cannot tell)."""
+
+    host: str
+    tls: bool | None
+
+
+def transport_of(connections: Iterable[GuestConnection]) -> str:
+    """How a guest connects: ``tls``, ``plain``, ``mixed`` (some connections without TLS) or ``unknown``."""
+    seen = {c.tls for c in connections}
+    if seen == {True}:
+        return "tls"
+    if seen == {False}:
+        return "plain"
+    return "mixed" if {True, False} <= seen else "unknown"
+
+
+def hosts_of(connections: Iterable[GuestConnection]) -> str:
+    """The guest's address (several, comma-separated, if its connections come from more than one)."""
+    return ",".join(sorted({c.host for c in connections}))
 
 
 class Broker(ABC):
@@ -68,6 +93,10 @@ class Broker(ABC):
     @abstractmethod
     def bind_guest(self, app: Any, instance_id: str) -> None:
         """Set up this process, a guest agent, to consume ``guest.ID`` only, with its own bookkeeping."""
+
+    @abstractmethod
+    def guest_connections(self, instance_id: str) -> list[GuestConnection]:
+        """The open connections of the guest's user, to the broker and to the store beside it."""
 
     # --- Guest credentials ---------------------------------------------------------------------
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import redis
 
-from berth.brokers.base import Broker, LiveGuests
+from berth.brokers.base import Broker, GuestConnection, LiveGuests
 from berth.brokers.rabbitmq.admin import ManagementAPI, split_urls
 from berth.brokers.rabbitmq.queues import Topology
-from berth.brokers.redis import acl, connect
+from berth.brokers.redis import acl, connect, peers
 from berth.brokers.redis.queues import remove_instance_keys
 from berth.errors import BrokerRefused
 from berth.ids import guest_queue
@@ -116,6 +116,12 @@ class RabbitBroker(Broker):
 
     def bind_guest(self, app: Any, instance_id: str) -> None:
         return None
+
+    def guest_connections(self, instance_id: str) -> list[GuestConnection]:
+        """Its AMQP connections (the management API's view), then its connections to the store."""
+        amqp = [GuestConnection(str(c.get("peer_host") or "?"), bool(c.get("ssl")))
+                for c in self.admin.connections_by(acl.user_name(instance_id))]
+        return amqp + peers.guest_connections(self.store, instance_id)
 
     # --- Guest credentials -------------------------------------------------------------------------
 

@@ -119,7 +119,12 @@ class ManagementAPI:
         return closed
 
     def connections_of(self, user: str) -> int:
-        return sum(1 for c in self.call("GET", "/api/connections?columns=user") or [] if c.get("user") == user)
+        return len(self.connections_by(user))
+
+    def connections_by(self, user: str) -> list[dict[str, Any]]:
+        """The AMQP connections of ``user``: each with its ``peer_host`` and ``ssl`` (True for TLS)."""
+        found = self.call("GET", "/api/connections?columns=user,peer_host,ssl") or []
+        return [dict(c) for c in found if c.get("user") == user]
 
     def whoami(self) -> dict[str, Any]:
         return dict(self.call("GET", "/api/whoami") or {})

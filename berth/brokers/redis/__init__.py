@@ -2,6 +2,7 @@
 
 - queues.py: a guest queue is kombu's binding plus a list per priority step;
 - acl.py: one Redis ACL user per guest, allowed its own keys by exact name;
+- peers.py: where a guest's connections come from, and whether they use TLS;
 - unacked.py: every consumer keeps what it takes in an unacknowledged-messages hash of its own,
   and puts back at once what an earlier run of it held.
 
@@ -18,8 +19,8 @@ from typing import Any
 import redis
 from kombu.transport import redis as redis_transport
 
-from berth.brokers.base import Broker, LiveGuests
-from berth.brokers.redis import acl, queues, unacked
+from berth.brokers.base import Broker, GuestConnection, LiveGuests
+from berth.brokers.redis import acl, peers, queues, unacked
 from berth.ids import guest_queue, unacked_keys
 from berth.redis_server import limit_warnings
 from berth.tls import redis_from_url
@@ -96,6 +97,9 @@ class RedisBroker(Broker):
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, **unacked_keys(instance_id)}
         unacked.use_own_hash(app.conf.broker_url)
         _own_queue_lookup(instance_id)
+
+    def guest_connections(self, instance_id: str) -> list[GuestConnection]:
+        return [c for server in self._servers() for c in peers.guest_connections(server, instance_id)]
 
     # --- Guest credentials -------------------------------------------------------------------------
 
