@@ -79,8 +79,13 @@ def test_a_guest_in_its_own_namespace_provisions_over_tls_as_its_own_user(stack:
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     urls = [item for item in env if item.startswith((b"CELERY_BROKER_URL=", b"CELERY_RESULT_BACKEND="))]
     assert urls and all(stack.network.gateway.encode() in url and b"s://" in url for url in urls), urls
+    # `show` and `list` tell where it connects from, and that it is TLS: as the broker sees it.
+    shown = json.loads(stack.cli("show", instance_id).stdout)
+    assert (shown["guest_host"], shown["guest_transport"], shown["guest_connected"]) == (link.address, "tls", True)
+    listed = stack.cli("list").stdout
+    assert any(instance_id in line and link.address in line and "tls" in line for line in listed.splitlines()), listed
     # Its datastore answers at the guest's own address, across the bridge, with the prepared password.
-    connection = json.loads(stack.cli("show", instance_id).stdout)["connection"]
+    connection = shown["connection"]
     assert connection["host"] == link.address, connection
     datastore = redis.Redis(host=link.address, port=connection["port"], username="app", password=PASSWORD,
                             socket_connect_timeout=5)
