@@ -41,6 +41,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsStack]:
         stack.start_taskmanager()
         yield stack
     finally:
+        stack.guests().stop_all(timeout_s=3)  # a module's worth of guests, each stopped quickly
         stack.close()
 
 
@@ -91,6 +92,17 @@ def undisturbed(stack: NetnsStack) -> None:
     assert counts(stack, other, "applied") == [1]
 
 
+def agent_log(stack: NetnsStack, instance_id: str) -> str:
+    path = guest_home(stack, instance_id) / "agent.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def prepare_succeeded(stack: NetnsStack, instance_id: str) -> bool:
+    """The guest's worker logged prepare's end: its result was stored (or the store gave up)."""
+    return any("guest.prepare[" in line and " succeeded in " in line
+               for line in agent_log(stack, instance_id).splitlines())
+
+
 def answers_ping(stack: NetnsStack, instance_id: str) -> bool:
     pong = stack.cli("ping", instance_id, "--timeout", "5")
     return pong.returncode == 0 and json.loads(pong.stdout)["instance_id"] == instance_id
@@ -106,9 +118,14 @@ def test_a_guest_cut_off_before_its_first_ping_fails_unreachable_and_only_it(net
         undisturbed(net)
         failed = status(net, instance_id, "FAILED", "ACTIVE", timeout_s=30)
         assert failed.reason == "GUEST_UNREACHABLE", failed.fields
-        assert journal(net, instance_id) == {}, "no prepare reached it"
+        # At the deadline, not before it (a generous bound after it: the check is a retry away).
+        assert failed["ping_deadline_at"] <= failed["failed_at"] < failed["ping_deadline_at"] + 5
     finally:
         net.network.heal(instance_id)
+    # Once healed the guest connects, and finds nothing to run: its queue was purged on FAILED.
+    wait_until(lambda: answers_ping(net, instance_id), 60, interval_s=0.5, message="guest reachable after heal")
+    assert journal(net, instance_id) == {}, "no prepare reached it"
+    assert "guest.prepare[" not in agent_log(net, instance_id)
 
 
 def test_a_partition_in_the_middle_of_prepare_healed_in_time_ends_active_applied_once(net: NetnsStack) -> None:
@@ -127,6 +144,7 @@ def test_a_partition_in_the_middle_of_prepare_healed_in_time_ends_active_applied
     assert final.status.value == "ACTIVE", final.fields
     assert counts(net, instance_id, "applied") == [1], journal(net, instance_id)
     assert final["prepare_applied"] == 1
+    assert final["active_at"] < final["prepare_deadline_at"], "healed within the deadline: ACTIVE in time"
     assert counts(net, instance_id, "rolled_back") == []
 
 
@@ -146,8 +164,29 @@ def test_a_partition_in_the_middle_of_prepare_not_healed_times_out_and_nothing_s
     # The guest comes back: it answers a fresh ping, and whatever it held or finds applies nothing.
     wait_until(lambda: answers_ping(net, instance_id), 60, interval_s=0.5, message="guest back after heal")
     assert counts(net, instance_id, "applied") == [], journal(net, instance_id)
+    assert counts(net, instance_id, "deliveries") == [1], "the stale prepare did not run again"
     assert not (guest_home(net, instance_id) / "noop.json").exists(), "nothing of the prepare remains"
     assert record(net, instance_id).status.value == "FAILED"
+
+
+def test_an_answer_held_behind_a_partition_past_the_deadline_does_not_revive_the_instance(net: NetnsStack) -> None:
+    instance_id = unique_id("cut-late")
+    # Prepare finishes in time on the guest, but its answer cannot leave before the deadline.
+    start(net, instance_id, "--prepare-deadline", "4", "--config", "prepare_seconds=0.5")
+    wait_until(lambda: counts(net, instance_id, "deliveries") == [1], 60, message="prepare under way")
+    net.network.cut(instance_id)
+    try:
+        wait_until(lambda: counts(net, instance_id, "applied") == [1], 30, message="prepare applied, answer held")
+        failed = status(net, instance_id, "FAILED", "ACTIVE", timeout_s=30)
+        assert failed.reason == "PREPARE_TIMEOUT", failed.fields
+    finally:
+        net.network.heal(instance_id)
+    # The answer gets out once healed, and finds the instance failed: it stays FAILED.
+    wait_until(lambda: prepare_succeeded(net, instance_id), 60, interval_s=0.2, message="the held answer stored")
+    wait_until(lambda: answers_ping(net, instance_id), 60, interval_s=0.5, message="guest back after heal")
+    assert record(net, instance_id).status.value == "FAILED"
+    assert counts(net, instance_id, "applied") == [1], "nothing applied again after the heal"
+    assert counts(net, instance_id, "deliveries") == [1], journal(net, instance_id)
 
 
 def test_a_partition_after_active_makes_the_instance_unknown_and_healing_active_again(net: NetnsStack) -> None:
