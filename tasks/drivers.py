@@ -195,9 +195,13 @@ class LocalDriver:
     def _command(self, instance_id: str, home: Path, delay_s: float) -> list[str]:
         return [sys.executable, "-m", "guest.launch", "--instance-id", instance_id, "--boot-delay", f"{delay_s:g}"]
 
+    def _machine(self, instance_id: str, home: Path, env: dict[str, str], command: list[str]) -> list[str]:
+        """Set up what the guest runs in; the command that starts it there (here: as it is)."""
+        return command
+
     def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
         env = self._environment(instance_id, request_id)
-        command = self._command(instance_id, home, delay_s)
+        command = self._machine(instance_id, home, env, self._command(instance_id, home, delay_s))
         with open(home / "agent.log", "ab") as log:
             proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True)
@@ -291,6 +295,8 @@ class NetnsDriver(LocalDriver):
             return None
 
     def _environment(self, instance_id: str, request_id: str) -> dict[str, str]:
+        """The guest's environment, its URLs at the bridge's address; refused (before any link
+        exists) when they would cross the link in clear text."""
         env = super()._environment(instance_id, request_id)
         gateway = self.network().gateway
         for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
@@ -305,21 +311,15 @@ class NetnsDriver(LocalDriver):
             env.pop(name, None)
         return env
 
-    def _spawn(self, instance_id: str, home: Path, delay_s: float, request_id: str) -> subprocess.Popen[bytes]:
-        env = self._environment(instance_id, request_id)  # before any link: a refused guest leaves none
+    def _machine(self, instance_id: str, home: Path, env: dict[str, str], command: list[str]) -> list[str]:
+        """The guest's link and address, its disk given to its user; the command run inside."""
         link = self.network().attach(instance_id, self.allocations())
         env["BERTH_GUEST_ADDRESS"] = link.address
         (home / NETWORK_FILE).write_text(link.to_json())
         (home / AGENT_PIDFILE).touch()  # the guest's to write first, ours to write after the start
         owned_by(home, link.uid)
         (home / NETWORK_FILE).chmod(0o644)
-        command = self.inside(link, home, self._command(instance_id, home, delay_s))
-        with open(home / "agent.log", "ab") as log:
-            proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, start_new_session=True)
-        (home / AGENT_PIDFILE).write_text(str(proc.pid))
-        _children[instance_id] = proc
-        return proc
+        return self.inside(link, home, command)
 
     @staticmethod
     def inside(link: Link, home: Path, command: list[str]) -> list[str]:
