@@ -36,7 +36,16 @@ from berth.redis_server import limit_warnings, redis_server_binary
 from devtools.broker import EmbeddedRedis
 from guest import deadletters
 from tasks import answers, guestapi, heartbeats, waiting
-from tests.helpers import Proc, guest_identity, project_env, unique_id, wait_for_status, wait_until, workflows_cli
+from tests.helpers import (
+    Proc,
+    guest_identity,
+    project_env,
+    send_to_guest,
+    unique_id,
+    wait_for_status,
+    wait_until,
+    workflows_cli,
+)
 from tests.hostile import HostileGuest, keys_naming, pong, prepared, printable, result_document
 from workflows import provision_chain
 
@@ -176,6 +185,31 @@ def test_a_guest_can_neither_make_its_delete_fail_nor_leave_a_key_behind(new_id:
     assert records.get(instance_id).status is Status.DELETED  # type: ignore[union-attr]
     admin = redis.Redis.from_url(app.conf.broker_url)
     assert keys_naming(admin, instance_id) == []
+
+
+@pytest.mark.usefixtures("taskmanager")
+def test_a_guests_garbage_or_forgery_on_its_answer_channels_reaches_no_other_result(new_id: Any,
+                                                                                   records: Records) -> None:
+    """A process still subscribed to a guest's answer channel (a ``.get()`` on a guest message that
+    timed out) reads what the guest publishes there: garbage must not raise out of another
+    ``.get()``, and a result naming another task must not become that task's result."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    hostile_id, victim_id = new_id("chan"), new_id("victim")
+    provision_chain(hostile_id, datastore="noop", boot="none", ping_deadline_s=20).apply_async()
+    wait_until(lambda: queues.exists(records.client, hostile_id), 30, message="queue created")
+    guest = HostileGuest(guest_identity(hostile_id)[0])
+    held = send_to_guest(hostile_id, "guest.ping", "held", expires_s=5)  # nobody consumes it
+    with pytest.raises(CeleryTimeout):
+        held.get(timeout=0.3)  # this process stays subscribed to the guest's channel
+    victim = provision_chain(victim_id, datastore="noop").apply_async()
+    channel = f"celery-task-meta-{held.id}"
+    forged = json.dumps({"status": "SUCCESS", "task_id": victim.id, "result": "forged", "traceback": None,
+                         "children": []}).encode()
+    for payload in (b"\xff\xfe not json", b"[1, 2]", b"{}", forged, b'{"status": "SUCCESS", "task_id": 7}'):
+        assert guest.results.publish(channel, payload) >= 1, "nobody listened: the drill proves nothing"
+    result = victim.get(timeout=60)
+    assert result != "forged" and result["status"] == "ACTIVE", result
 
 
 # --- control characters ---------------------------------------------------------------------------
