@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,9 +32,12 @@ from berth.errors import BootError
 from berth.netns import Link, Network, exec_in, owned_by, rehost, require_privileges
 from berth.paths import AGENT_LOCK, AGENT_PIDFILE, PROJECT_DIR, berth_home, guest_dir, guests_root
 from tasks.celery_app import app
-from tasks.runtime import guest_env
+from tasks.runtime import broker, guest_env
 
+log = logging.getLogger("berth.drivers")
 BOOTED_BY = "booted_by"
+# While a guest stops, its blocking read on the broker is ended this often (see `LocalDriver.stop`).
+RELEASE_EVERY_S = 0.5
 NETWORK_FILE = "network.json"
 REQUEST = "request_id"
 # What a guest inherits from its taskmanager's environment: the process basics and Berth's own
@@ -222,7 +226,11 @@ class LocalDriver:
             return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + (_stop_timeout_s() if timeout_s is None else timeout_s)
+        released_at = 0.0
         while group_alive(pid) and time.monotonic() < deadline:
+            if time.monotonic() - released_at > RELEASE_EVERY_S:
+                _release_waits(instance_id)
+                released_at = time.monotonic()
             _reap()
             time.sleep(0.05)
         _signal_group(pid, signal.SIGKILL)
@@ -334,6 +342,14 @@ class NetnsDriver(LocalDriver):
         stopped = super().destroy(instance_id)
         self.network().detach(instance_id, self.allocations())
         return stopped
+
+
+def _release_waits(instance_id: str) -> None:
+    """A stopping agent closes once its blocking read returns: end that read now (berth/brokers)."""
+    try:
+        broker().release_waits(instance_id)
+    except Exception as exc:  # noqa: BLE001 - a broker away only makes the stop wait out the read
+        log.debug("could not release the waits of %s: %s", instance_id, exc)
 
 
 def _stop_timeout_s() -> float:

@@ -98,6 +98,11 @@ class Broker(ABC):
     def guest_connections(self, instance_id: str) -> list[GuestConnection]:
         """The open connections of the guest's user, to the broker and to the store beside it."""
 
+    def release_waits(self, instance_id: str) -> int:
+        """End the guest's blocking reads now, each answered "nothing" (no message is taken): a
+        stopping agent waits for its read in flight before it closes. How many; 0 by default."""
+        return 0
+
     # --- Guest credentials ---------------------------------------------------------------------
 
     @abstractmethod

@@ -101,6 +101,9 @@ class RedisBroker(Broker):
     def guest_connections(self, instance_id: str) -> list[GuestConnection]:
         return [c for server in self._servers() for c in peers.guest_connections(server, instance_id)]
 
+    def release_waits(self, instance_id: str) -> int:
+        return peers.release_waits(self.client, instance_id)
+
     # --- Guest credentials -------------------------------------------------------------------------
 
     def mint_guest(self, instance_id: str, request_id: str) -> str:

@@ -40,3 +40,12 @@ def guest_connections(server: redis.Redis, instance_id: str) -> list[GuestConnec
     """The connections of the instance's guest user to ``server``."""
     user, port = user_name(instance_id), tls_port(server)
     return [peer(entry, port) for entry in server.client_list() if entry.get("user") == user]
+
+
+def release_waits(server: redis.Redis, instance_id: str) -> int:
+    """CLIENT UNBLOCK each blocked read (a BRPOP on its queue) of the instance's guest user: the
+    read returns nil, as at its timeout, so the guest takes no message it would not process."""
+    user = user_name(instance_id)
+    blocked = [entry["id"] for entry in server.client_list()
+               if entry.get("user") == user and "b" in str(entry.get("flags", ""))]
+    return sum(1 for client_id in blocked if server.client_unblock(int(client_id)))
