@@ -174,8 +174,11 @@ def mint(instance_ids: list[str]) -> list[GuestSpec]:
         env = guest_env(instance_id, request_id)
         return GuestSpec(instance_id, env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"], env["BERTH_GUEST_KEY"])
 
+    if not instance_ids:
+        return []
+    first = one(instance_ids[0])  # makes the master key, if this is its first use, before any thread reads it
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, instance_ids))
+        return [first, *pool.map(one, instance_ids[1:])]
 
 
 class Fakes:
@@ -266,17 +269,18 @@ def commands_by_user(store: Any, seconds: float, users: set[str]) -> dict[str, d
     return {user: dict(sorted(c.items())) for user, c in counts.items()}
 
 
-def connections(stack: BenchStack, store: Any, users: set[str]) -> dict[str, Any]:
-    """What the broker sees of each user: Redis connections; on RabbitMQ also its AMQP connection."""
+def connections(store: Any, users: set[str], admin: Any = None) -> dict[str, Any]:
+    """What the broker sees of each user: its Redis connections; with RabbitMQ's management API
+    (``admin``), its AMQP connection and channel too."""
     seen: dict[str, Any] = {user: {"redis_connections": 0} for user in users}
     for client in store.client_list():
         if client.get("user") in seen:
             seen[client["user"]]["redis_connections"] += 1
-    if stack.on_rabbitmq:
-        for conn in stack.brokers.admin().call("GET", "/api/connections"):
+    if admin is not None:
+        for conn in admin.call("GET", "/api/connections"):
             if conn.get("user") in seen:
                 seen[conn["user"]].update(amqp_heartbeat_s=conn.get("timeout"), channels=conn.get("channels"))
-        for channel in stack.brokers.admin().call("GET", "/api/channels"):
+        for channel in admin.call("GET", "/api/channels"):
             if channel.get("user") in seen:
                 seen[channel["user"]].update(global_prefetch=channel.get("global_prefetch_count"),
                                             consumers=channel.get("consumer_count"))
@@ -294,7 +298,7 @@ def calibrate(stack: BenchStack, store: Any, settings: AgentSettings, seconds: f
         fakes.heartbeats(True)
         users = {user_name(REAL), user_name(fake)}
         counts = commands_by_user(store, seconds, users)
-        seen = connections(stack, store, users)
+        seen = connections(store, users, stack.brokers.admin() if stack.on_rabbitmq else None)
     finally:
         fakes.close(settings.brpop_timeout_s + 5)
     real, played = ({"connections": seen[user_name(who)], "commands": counts[user_name(who)]} for who in (REAL, fake))
@@ -348,7 +352,8 @@ def run(broker: str, guests: int, window_s: float, ping_count: int, calibrate_s:
             result["heartbeats"] = window(probe, store, window_s)
             result["ping_while_idle"] = pings(request_id, ping_count)
             result["rss_mib"] = probe.rss()
-            result["connections_seen"] = connections(stack, store, {"guest.idle-0", f"guest.idle-{n - 1}"})
+            result["connections_seen"] = connections(store, {"guest.idle-0", f"guest.idle-{n - 1}"},
+                                                     stack.brokers.admin() if stack.on_rabbitmq else None)
         finally:
             fakes.close(settings.brpop_timeout_s + 10)
         return summarize(result)

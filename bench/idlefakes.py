@@ -8,10 +8,10 @@ a real agent holds and sends what a real agent sends, read from the guest's own 
   ``BRPOP guest.ID guest.ID\\x06\\x163 guest.ID\\x06\\x166 guest.ID\\x06\\x169 <brpop_timeout>``
   (redis-py first sends a PING when the connection was quiet for kombu's ``health_check_interval``);
   one writes the heartbeat reporter's report (guest/heartbeat.py: MULTI, RPUSH of the signed
-  envelope, LTRIM to 16, EXEC) every ``berth_heartbeat_interval_s``; one runs kombu's unacked
-  sweep (SET NX of the guest's mutex, ZRANGE BYSCORE of its unacked index, the lock's release
-  script) every ``unacked_restore_interval * unacked_restore_throttle`` seconds; one (the result
-  backend's) stays idle.
+  envelope, LTRIM to 16, EXEC) every ``berth_heartbeat_interval_s``; two (kombu's pool, the result
+  backend's) stay idle. And every ``HEAL_INTERVAL_S`` the agent's unacked check
+  (berth/brokers/redis/unacked.py: kombu's own sweep is off) opens a connection of its own, PINGs,
+  reads its unacked index (ZRANGE BYSCORE) and closes it.
 - RabbitMQ: one AMQP connection as its own user with the heartbeat Celery negotiates, one channel,
   ``basic.qos(prefetch_count=1, global=True)``, ``basic.consume`` of ``guest.ID`` with acks; and
   beside it ``STORE_CONNECTIONS_BESIDE_RABBITMQ`` connections to the Redis store (heartbeats, the
@@ -50,8 +50,8 @@ class AgentSettings:
     health_check_interval_s: float
     priority_steps: tuple[int, ...]
     sep: str
-    restore_every_s: float
-    visibility_timeout_s: float
+    heal_every_s: float
+    heal_age_s: float
     heartbeat_interval_s: float
     amqp_heartbeat_s: int
 
@@ -60,6 +60,7 @@ class AgentSettings:
         """Read from the guest agent's own app (guest/celery_app.py, celeryconfig.py) and kombu."""
         from kombu.transport import redis as kombu_redis
 
+        from berth.brokers.redis import unacked
         from guest.celery_app import app
 
         options = dict(app.conf.broker_transport_options or {})
@@ -71,9 +72,8 @@ class AgentSettings:
                                                       kombu_redis.DEFAULT_HEALTH_CHECK_INTERVAL)),
             priority_steps=tuple(options.get("priority_steps", channel.priority_steps)),
             sep=str(options.get("sep", channel.sep)),
-            restore_every_s=float(options.get("unacked_restore_interval", channel.unacked_restore_interval))
-            * float(options.get("unacked_restore_throttle", channel.unacked_restore_throttle)),
-            visibility_timeout_s=float(options.get("visibility_timeout", channel.visibility_timeout)),
+            heal_every_s=unacked.HEAL_INTERVAL_S,
+            heal_age_s=unacked.HEAL_AGE_S,
             heartbeat_interval_s=float(app.conf.berth_heartbeat_interval_s),
             amqp_heartbeat_s=int(app.conf.broker_heartbeat or 0))
 
@@ -144,19 +144,18 @@ async def redis_guest(spec: GuestSpec, settings: AgentSettings, switches: Switch
     await polling.ping()
     pool, _backend, reporter = await _store_clients(spec, REDIS_CONNECTIONS - 1)
     connected()
-    names = unacked_keys(spec.instance_id)
+    index = unacked_keys(spec.instance_id)["unacked_index_key"]
 
-    async def sweep() -> None:
-        lock = pool.lock(names["unacked_mutex_key"], timeout=300)
-        if await lock.acquire(blocking=False):
-            await pool.zrange(names["unacked_index_key"], time.time() - settings.visibility_timeout_s, 0,
-                              desc=True, byscore=True, withscores=True)
-            await lock.release()
+    async def heal() -> None:
+        client = aioredis.Redis.from_url(spec.broker_url, max_connections=1, socket_connect_timeout=10.0)
+        await client.ping()
+        await client.zrange(index, "-inf", time.time() - settings.heal_age_s, byscore=True)
+        await client.aclose()
 
     keys = settings.brpop_keys(guest_queue(spec.instance_id))
     tasks = [asyncio.create_task(_every(settings.heartbeat_interval_s, switches,
                                         lambda: _heartbeat(reporter, spec.instance_id, key), gated=True)),
-             asyncio.create_task(_every(settings.restore_every_s, switches, sweep))]
+             asyncio.create_task(_every(settings.heal_every_s, switches, heal))]
     while not switches.stop.is_set():
         await polling.brpop(keys, timeout=settings.brpop_timeout_s)
     for task in tasks:
