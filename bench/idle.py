@@ -380,6 +380,66 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# --- BENCHMARKS.md: one block per broker, kept by `make bench` (bench/run.py) ---------------------------
+
+def block_marks(broker: str) -> tuple[str, str]:
+    return f"<!-- bench.idle {broker} -->", f"<!-- /bench.idle {broker} -->"
+
+
+def kept_blocks(text: str) -> str:
+    """The idle benchmark's blocks of a BENCHMARKS.md, for bench/run.py to write again."""
+    blocks = []
+    for broker in ("redis", "rabbitmq"):
+        begin, end = block_marks(broker)
+        if begin in text and end in text:
+            blocks.append(text[text.index(begin):text.index(end) + len(end)])
+    return "\n\n".join(blocks)
+
+
+def render(broker: str, results: list[dict[str, Any]], command: str) -> str:
+    from bench.common import BROKER_TITLES, machine
+
+    title, about, first = BROKER_TITLES[broker], machine(), results[0]
+    s = first["settings"]
+    lines = [block_marks(broker)[0], f"### Idle guests, {title}", "",
+             f"Written by `{command}` on {about['date']} ({about['machine']}). Knobs: BRPOP timeout (kombu's "
+             f"`polling_interval`, `BERTH_GUEST_POLLING_INTERVAL_S`) {s['brpop_timeout_s']:g} s, heartbeat "
+             f"every {s['heartbeat_interval_s']:g} s, unacked check every {s['heal_every_s']:g} s"
+             + (f", AMQP heartbeat {s['amqp_heartbeat_s']} s" if broker == "rabbitmq" else "") + ".", "",
+             "| guests asked | held (ceiling) | broker CPU, % of one core: idle broker / guests polling / "
+             "with heartbeats | heartbeat path | MiB per guest | ping p50 (p99): idle broker / with guests | "
+             "< 10 % of a core |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m, base, cpu = r["summary"], r["baseline"], r["heartbeats"]["cpu_pct_of_one_core"]
+        store = f" (store beside it: {cpu['store']:.1f} %)" if "store" in cpu else ""
+        lines.append(
+            f"| {r['guests_asked']:,} | {r['guests']:,} ({r['ceiling']:,}) | "
+            f"{base['idle']['cpu_pct_of_one_core']['broker']:.1f} / "
+            f"{r['polling']['cpu_pct_of_one_core']['broker']:.1f} / {cpu['broker']:.1f}{store} | "
+            f"+{m['heartbeat_path_cpu_pct']:.1f} % of a core | "
+            + ", ".join(f"{name} {mib * 1024:.0f} KiB" for name, mib in m["mib_per_guest"].items())
+            + f" | {base['ping']['p50_ms']:.1f} ({base['ping']['p99_ms']:.1f}) / {r['ping_while_idle']['p50_ms']:.1f}"
+            f" ({r['ping_while_idle']['p99_ms']:.1f}) ms | {'**met**' if m['goal_10pct_met'] else '**not met**'} |")
+    if "calibration" in first:
+        c = first["calibration"]
+        lines += ["", f"Calibration ({c['window_s']:g} s, one fake beside one real agent; "
+                  f"{'they match' if c['match'] else 'they DIFFER'}): real agent {json.dumps(c['real_agent'])}; "
+                  f"fake {json.dumps(c['fake'])}."]
+    lines.append(block_marks(broker)[1])
+    return "\n".join(lines)
+
+
+def write_block(path: Path, broker: str, block: str) -> None:
+    """Put this broker's block in BENCHMARKS.md, in place of the last one."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = block_marks(broker)
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 # --- Several N, each in a process of its own ----------------------------------------------------------
 
 def main() -> int:
@@ -390,9 +450,10 @@ def main() -> int:
     parser.add_argument("--pings", type=int, default=30, help="pings of the real guest, before and under load")
     parser.add_argument("--calibrate", type=float, default=30.0,
                         help="seconds of the real-agent-versus-fake check (first N only; 0: none)")
+    parser.add_argument("--write", type=Path, default=None, help="put the figures in this BENCHMARKS.md")
     args = parser.parse_args()
     sizes = [int(n) for n in args.guests.split(",")]
-    if len(sizes) == 1:
+    if len(sizes) == 1 and args.write is None:
         print(json.dumps(run(args.broker, sizes[0], args.window, args.pings, args.calibrate), indent=2))
         return 0
     results = []
@@ -407,6 +468,8 @@ def main() -> int:
             raise SystemExit(f"bench.idle: {n} guests on {args.broker} failed (exit {done.returncode})")
         results.append(json.loads(done.stdout))
     print(json.dumps(results, indent=2))
+    if args.write is not None:
+        write_block(args.write, args.broker, render(args.broker, results, "make bench-idle"))
     return 0
 
 
