@@ -382,6 +382,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 # --- BENCHMARKS.md: one block per broker, kept by `make bench` (bench/run.py) ---------------------------
 
+IDLE_HEADING = "## Idle guests (`make bench-idle`, not part of `make bench`)"
+
+
 def block_marks(broker: str) -> tuple[str, str]:
     return f"<!-- bench.idle {broker} -->", f"<!-- /bench.idle {broker} -->"
 
@@ -420,6 +423,11 @@ def render(broker: str, results: list[dict[str, Any]], command: str) -> str:
             + ", ".join(f"{name} {mib * 1024:.0f} KiB" for name, mib in m["mib_per_guest"].items())
             + f" | {base['ping']['p50_ms']:.1f} ({base['ping']['p99_ms']:.1f}) / {r['ping_while_idle']['p50_ms']:.1f}"
             f" ({r['ping_while_idle']['p99_ms']:.1f}) ms | {'**met**' if m['goal_10pct_met'] else '**not met**'} |")
+    per_guest, where = ((STORE_CONNECTIONS_BESIDE_RABBITMQ, "the Redis store beside the node (the node holds one)")
+                        if broker == "rabbitmq" else (REDIS_CONNECTIONS, "the broker"))
+    lines += ["", f"Ceiling here: {first['ceiling']:,} guests. A process holds at most its hard RLIMIT_NOFILE, "
+              f"{first['fd_limit']:,} on this machine (raising it needs CAP_SYS_RESOURCE), and each guest holds "
+              f"{per_guest} connections to {where}."]
     if "calibration" in first:
         c = first["calibration"]
         lines += ["", f"Calibration ({c['window_s']:g} s, one fake beside one real agent; "
@@ -436,7 +444,8 @@ def write_block(path: Path, broker: str, block: str) -> None:
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        heading = "" if IDLE_HEADING in text else f"{IDLE_HEADING}\n\n"
+        text = text.rstrip("\n") + "\n\n" + heading + block + "\n"
     path.write_text(text)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_BROKERS, BROKER_TITLES, machine
-from bench.idle import kept_blocks
+from bench.idle import IDLE_HEADING, kept_blocks
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Measured on Redis only: a guest agent's start and memory (4a, 4b) and the polling baseline (5).
@@ -199,7 +199,7 @@ def write(results: dict[str, Any], about: dict[str, str], command: str, seconds:
     # The idle-guest figures come from `make bench-idle` (bench/idle.py), not from this run: kept as they are.
     kept = kept_blocks(out.read_text()) if out.exists() else ""
     if kept:
-        lines += ["## Idle guests (`make bench-idle`, not part of `make bench`)", "", kept, ""]
+        lines += [IDLE_HEADING, "", kept, ""]
     out.write_text("\n".join(lines))
 
 
