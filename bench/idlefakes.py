@@ -38,6 +38,8 @@ import redis.asyncio as aioredis
 # backend, the heartbeat reporter; beside RabbitMQ, the result backend and the reporter.
 REDIS_CONNECTIONS = 4
 STORE_CONNECTIONS_BESIDE_RABBITMQ = 2
+# Tries to connect before a fake guest gives up, a second more apart each time.
+CONNECT_ATTEMPTS = 5
 # As guest/heartbeat.KEEP_REPORTS.
 KEEP_REPORTS = 16
 
@@ -210,10 +212,15 @@ async def serve(specs: list[GuestSpec], settings: AgentSettings, switches: Switc
             ready.put(1)
 
         try:
-            await guest(spec, settings, switches, connected)
-        except Exception as exc:
-            ready.put(f"{spec.instance_id}: {type(exc).__name__}: {exc}")
-            raise
+            for attempt in range(CONNECT_ATTEMPTS):
+                try:
+                    return await guest(spec, settings, switches, connected)
+                except Exception as exc:
+                    # As a real agent does, a guest that could not connect (a busy broker) tries again.
+                    if not held[0] or attempt == CONNECT_ATTEMPTS - 1:
+                        ready.put(f"{spec.instance_id}: {type(exc).__name__}: {exc}")
+                        raise
+                    await asyncio.sleep(1.0 + attempt)
         finally:
             if held[0]:
                 gate.release()
