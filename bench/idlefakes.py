@@ -28,7 +28,9 @@ import asyncio
 import json
 import random
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -127,10 +129,17 @@ async def _heartbeat(client: aioredis.Redis, instance_id: str, key: Any) -> None
         await pipe.execute()
 
 
+def _client(url: str, socket_timeout: float | None = None, **options: Any) -> aioredis.Redis:
+    """A client of one connection (a pooled client's pipelines use it too). kombu's and Celery's
+    have no socket timeout (redis-py's default is 5 s: a longer BRPOP would fail); the reporter's is 5 s.
+    A 10 s connect timeout: thousands of guests connect at once here, not one."""
+    return aioredis.Redis.from_url(url, max_connections=1, socket_timeout=socket_timeout, socket_connect_timeout=10.0,
+                                   **options)
+
+
 async def _store_clients(spec: GuestSpec, count: int) -> list[aioredis.Redis]:
-    """``count`` clients of one connection each (the pipelines of a pooled client use its one connection)."""
-    clients = [aioredis.Redis.from_url(spec.store_url, max_connections=1, socket_connect_timeout=10.0)
-               for _ in range(count)]
+    """The idle connections, then the reporter's."""
+    clients = [_client(spec.store_url) for _ in range(count - 1)] + [_client(spec.store_url, socket_timeout=5.0)]
     for client in clients:
         await client.ping()
     return clients
@@ -141,15 +150,14 @@ async def redis_guest(spec: GuestSpec, settings: AgentSettings, switches: Switch
     from berth.keys import GuestKey
 
     key = GuestKey.from_text(spec.key_text)
-    polling = aioredis.Redis.from_url(spec.broker_url, single_connection_client=True, socket_connect_timeout=10.0,
-                                      health_check_interval=int(settings.health_check_interval_s))
+    polling = _client(spec.broker_url, health_check_interval=int(settings.health_check_interval_s))
     await polling.ping()
     pool, _backend, reporter = await _store_clients(spec, REDIS_CONNECTIONS - 1)
     connected()
     index = unacked_keys(spec.instance_id)["unacked_index_key"]
 
     async def heal() -> None:
-        client = aioredis.Redis.from_url(spec.broker_url, max_connections=1, socket_connect_timeout=10.0)
+        client = _client(spec.broker_url)
         await client.ping()
         await client.zrange(index, "-inf", time.time() - settings.heal_age_s, byscore=True)
         await client.aclose()
@@ -218,7 +226,9 @@ async def serve(specs: list[GuestSpec], settings: AgentSettings, switches: Switc
                 except Exception as exc:
                     # As a real agent does, a guest that could not connect (a busy broker) tries again.
                     if not held[0] or attempt == CONNECT_ATTEMPTS - 1:
-                        ready.put(f"{spec.instance_id}: {type(exc).__name__}: {exc}")
+                        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}"
+                                            for f in reversed(traceback.extract_tb(exc.__traceback__)[-6:]))
+                        ready.put(f"{spec.instance_id}: {type(exc).__name__}: {exc} (at {where})")
                         raise
                     await asyncio.sleep(1.0 + attempt)
         finally:
