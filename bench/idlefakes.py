@@ -107,7 +107,10 @@ async def _every(interval_s: float, switches: Switches, action: Any, gated: bool
     await asyncio.sleep(random.uniform(0, interval_s))
     while not switches.stop.is_set():
         if not gated or switches.heartbeats.is_set():
-            await action()
+            try:
+                await action()
+            except (OSError, aioredis.RedisError):
+                pass  # as the agent's reporter and unacked check: the next turn tries again (a broker at maxclients)
         await asyncio.sleep(interval_s)
 
 
