@@ -317,6 +317,7 @@ def run(broker: str, guests: int, window_s: float, ping_count: int, calibrate_s:
     raise_fd_limit()
     stack = BenchStack(broker)
     try:
+        from guest import heartbeat
         from tasks.runtime import redis_client
 
         store = redis_client()  # the Redis with the heartbeats: the broker, or the store beside RabbitMQ
@@ -331,6 +332,8 @@ def run(broker: str, guests: int, window_s: float, ping_count: int, calibrate_s:
         result: dict[str, Any] = {"broker": broker, "guests_asked": guests,
                                   "settings": dataclasses.asdict(settings)}
         if calibrate_s:
+            # The agent's reporter connects for its first report: idle means after that.
+            time.sleep(heartbeat.SOON_S + 1)
             result["calibration"] = calibrate(stack, store, settings, calibrate_s)
         result["baseline"] = {"rss_mib": probe.rss(), "ping": pings(request_id, ping_count),
                               "idle": window(probe, store, window_s)}
