@@ -49,7 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchStack, broker_option, summary_ms
+from bench.common import BenchStack, broker_option, machine, summary_ms
 from bench.idlefakes import (
     REDIS_CONNECTIONS,
     STORE_CONNECTIONS_BESIDE_RABBITMQ,
@@ -329,7 +329,7 @@ def run(broker: str, guests: int, window_s: float, ping_count: int, calibrate_s:
                 stack.brokers.url, settings.amqp_heartbeat_s))
         request_id, _real = provision_real_guest(stack)
         probe = Probe(stack)
-        result: dict[str, Any] = {"broker": broker, "guests_asked": guests,
+        result: dict[str, Any] = {"broker": broker, "guests_asked": guests, "date": machine()["date"],
                                   "settings": dataclasses.asdict(settings)}
         if calibrate_s:
             # The agent's reporter connects for its first report: idle means after that.
@@ -380,7 +380,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     # Held fewer than asked (the ceiling): the guests' share scaled to the number asked, linearly.
     idle_broker = base["idle"]["cpu_pct_of_one_core"]["broker"]
     scaled = idle_broker + (cpu["heartbeats"]["broker"] - idle_broker) * result["guests_asked"] / n
-    result["summary"].update(broker_cpu_pct_for_guests_asked=round(scaled, 2), goal_10pct_met=scaled < 10.0)
+    result["summary"].update(broker_cpu_pct_for_guests_asked=round(scaled, 2), goal_10pct_met=scaled < 10.0,
+                             traffic_delivered_pct=delivered(result))
     if "store" in cpu["heartbeats"]:
         result["summary"]["store_cpu_pct_of_one_core"] = cpu["heartbeats"]["store"]
     return result
@@ -406,17 +407,18 @@ def kept_blocks(text: str) -> str:
 
 
 def render(broker: str, results: list[dict[str, Any]], command: str) -> str:
-    from bench.common import BROKER_TITLES, machine
+    from bench.common import BROKER_TITLES
 
     title, about, first = BROKER_TITLES[broker], machine(), results[0]
     s = first["settings"]
+    knobs = (f"AMQP heartbeat {s['amqp_heartbeat_s']} s (negotiated)" if broker == "rabbitmq" else
+             f"BRPOP timeout (kombu's `polling_interval`, `BERTH_GUEST_POLLING_INTERVAL_S`) {s['brpop_timeout_s']:g} s,"
+             f" unacked check every {s['heal_every_s']:g} s")
     lines = [block_marks(broker)[0], f"### Idle guests, {title}", "",
-             f"Written by `{command}` on {about['date']} ({about['machine']}). Knobs: BRPOP timeout (kombu's "
-             f"`polling_interval`, `BERTH_GUEST_POLLING_INTERVAL_S`) {s['brpop_timeout_s']:g} s, heartbeat "
-             f"every {s['heartbeat_interval_s']:g} s, unacked check every {s['heal_every_s']:g} s"
-             + (f", AMQP heartbeat {s['amqp_heartbeat_s']} s" if broker == "rabbitmq" else "") + ".", "",
+             f"Written by `{command}` on {first.get('date', about['date'])} ({about['machine']}). Knobs: {knobs}, "
+             f"guest heartbeat (`BERTH_HEARTBEAT_INTERVAL_S`) every {s['heartbeat_interval_s']:g} s.", "",
              "| guests asked | held (ceiling) | broker CPU, % of one core: idle broker / guests polling / "
-             "with heartbeats | for the guests asked (linear) | heartbeat path | memory per guest | "
+             "with heartbeats | for the guests asked (linear) | heartbeat path (store) | memory per guest | "
              "ping p50 (p99): idle broker / with guests | < 10 % of a core |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         m, base, cpu = r["summary"], r["baseline"], r["heartbeats"]["cpu_pct_of_one_core"]
@@ -426,10 +428,14 @@ def render(broker: str, results: list[dict[str, Any]], command: str) -> str:
             f"{base['idle']['cpu_pct_of_one_core']['broker']:.1f} / "
             f"{r['polling']['cpu_pct_of_one_core']['broker']:.1f} / {cpu['broker']:.1f}{store} | "
             f"{m['broker_cpu_pct_for_guests_asked']:.1f} | "
-            f"+{m['heartbeat_path_cpu_pct']:.1f} % of a core | "
+            f"{m['heartbeat_path_cpu_pct']:+.1f} % of a core | "
             + ", ".join(f"{name} {mib * 1024:.0f} KiB" for name, mib in m["mib_per_guest"].items())
             + f" | {base['ping']['p50_ms']:.1f} ({base['ping']['p99_ms']:.1f}) / {r['ping_while_idle']['p50_ms']:.1f}"
             f" ({r['ping_while_idle']['p99_ms']:.1f}) ms | {'**met**' if m['goal_10pct_met'] else '**not met**'} |")
+    lines += ["", "Share of the traffic the guests owe the broker by their settings that it received (heartbeat "
+              "window): " + "; ".join(f"{r['guests']:,} guests: " + ", ".join(
+                  f"{name} {pct:.0f} %" for name, pct in r["summary"]["traffic_delivered_pct"].items())
+                  for r in results) + "."]
     per_guest, where = ((STORE_CONNECTIONS_BESIDE_RABBITMQ, "the Redis store beside the node (the node holds one)")
                         if broker == "rabbitmq" else (REDIS_CONNECTIONS, "the broker"))
     lines += ["", f"Ceiling here: {first['ceiling']:,} guests. A process holds at most its hard RLIMIT_NOFILE, "
@@ -454,6 +460,18 @@ def write_block(path: Path, broker: str, block: str) -> None:
         heading = "" if IDLE_HEADING in text else f"{IDLE_HEADING}\n\n"
         text = text.rstrip("\n") + "\n\n" + heading + block + "\n"
     path.write_text(text)
+
+
+def delivered(result: dict[str, Any]) -> dict[str, float]:
+    """How much of the idle traffic N guests owe the broker (by their settings) it received in the
+    heartbeat window, in %: a fake that fell behind, or a connection the broker refused, shows here."""
+    n, s, on_rabbitmq = result["guests"], result["settings"], result["broker"] == "rabbitmq"
+    seen, base = result["heartbeats"]["store_calls_per_s"], result["baseline"]["idle"]["store_calls_per_s"]
+    owed = {"multi": n / s["heartbeat_interval_s"]}  # one report a guest
+    if not on_rabbitmq:
+        owed.update(brpop=n / s["brpop_timeout_s"], hello=n / s["heal_every_s"])  # its poll, its unacked check
+    names = {"multi": "heartbeats", "brpop": "polls", "hello": "unacked checks"}
+    return {names[c]: round(100 * (seen.get(c, 0) - base.get(c, 0)) / rate, 1) for c, rate in owed.items()}
 
 
 # --- Several N, each in a process of its own ----------------------------------------------------------
