@@ -17,7 +17,7 @@ a real agent holds and sends what a real agent sends, read from the guest's own 
   beside it ``STORE_CONNECTIONS_BESIDE_RABBITMQ`` connections to the Redis store (heartbeats, the
   idle result backend).
 
-The first report or sweep of each guest comes at a random point of its interval, as guests
+The first poll, report and unacked check of each guest come at a random point of their interval, as guests
 started at different times would. A fake never answers a message: the benchmark pings a real
 guest agent among them.
 """
@@ -169,6 +169,7 @@ async def redis_guest(spec: GuestSpec, settings: AgentSettings, switches: Switch
     tasks = [asyncio.create_task(_every(settings.heartbeat_interval_s, switches,
                                         lambda: _heartbeat(reporter, spec.instance_id, key), gated=True)),
              asyncio.create_task(_every(settings.heal_every_s, switches, heal))]
+    await asyncio.sleep(random.uniform(0, settings.brpop_timeout_s))
     while not switches.stop.is_set():
         await polling.brpop(keys, timeout=settings.brpop_timeout_s)
     for task in tasks:
