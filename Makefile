@@ -11,7 +11,7 @@ RABBITMQ_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
 # Debian's redis-server is built with TLS (berth/redis_server.py); the netns tests need it.
 TLS_REDIS_SERVER := /usr/bin/redis-server
 
-.PHONY: setup browser rabbitmq tls-redis run test test-redis test-rabbitmq lint soak bench cluster screenshot clean
+.PHONY: setup browser rabbitmq tls-redis run test test-redis test-rabbitmq lint soak bench bench-idle cluster screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -105,6 +105,12 @@ screenshot: setup browser
 # RabbitMQ node side by side, the table written to BENCHMARKS.md (under 20 minutes).
 bench: setup rabbitmq
 	$(PY) -m bench.run
+
+# Not part of `make test` nor of `make bench`: 1,000 and 10,000 connected idle guests on Redis, then on a
+# private RabbitMQ node (about 15 minutes); their blocks of BENCHMARKS.md. GUESTS=1000,10000 to choose.
+bench-idle: setup rabbitmq
+	$(PY) -m bench.idle --broker redis --guests $(or $(GUESTS),1000,10000) --write BENCHMARKS.md
+	$(PY) -m bench.idle --broker rabbitmq --guests $(or $(GUESTS),1000,10000) --write BENCHMARKS.md
 
 # Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
 # BROKER=redis|rabbitmq|cluster, CYCLES=N; CHAOS_EVERY=S crashes the taskmanager and the broker every ~S seconds.

@@ -194,6 +194,13 @@ berth_pickup_timeout_s = _env_float("BERTH_PICKUP_TIMEOUT_S", 15.0)
 # --- Berth: heartbeats and the guest API (seconds) ----------------------------------------------
 # An ACTIVE guest reports its datastore's status this often (guest/heartbeat.py).
 berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 10.0)
+# Redis only: how long an idle guest's BRPOP waits before the guest asks again (kombu's
+# polling_interval; guest/celery_app.py). A message ends the wait at once, so only the idle cost
+# depends on it: one BRPOP per guest per interval (at kombu's own 1 s, 10,000 idle guests send
+# 10,000 a second; BENCHMARKS.md, `make bench-idle`). Kept below kombu's health_check_interval
+# (25 s), or redis-py sends a PING before each BRPOP; a guest notices a silently dead connection
+# within this interval plus 25 s.
+berth_guest_polling_interval_s = _env_float("BERTH_GUEST_POLLING_INTERVAL_S", 10.0)
 # No heartbeat for this long: the instance is UNKNOWN until one comes (Trove waits 90 s).
 berth_heartbeat_expiry_s = _env_float("BERTH_HEARTBEAT_EXPIRY_S", 35.0)
 # How often each taskmanager takes the heartbeats and looks for silent guests.

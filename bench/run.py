@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_BROKERS, BROKER_TITLES, machine
+from bench.idle import IDLE_HEADING, kept_blocks
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Measured on Redis only: a guest agent's start and memory (4a, 4b) and the polling baseline (5).
@@ -195,6 +196,10 @@ def write(results: dict[str, Any], about: dict[str, str], command: str, seconds:
         "</details>",
         "",
     ]
+    # The idle-guest figures come from `make bench-idle` (bench/idle.py), not from this run: kept as they are.
+    kept = kept_blocks(out.read_text()) if out.exists() else ""
+    if kept:
+        lines += [IDLE_HEADING, "", kept, ""]
     out.write_text("\n".join(lines))
 
 

@@ -6,6 +6,7 @@ import click
 from celery import Celery
 
 from berth.brokers.rabbitmq.celerysteps import without_native_delayed_delivery
+from berth.config import on_rabbitmq
 from berth.ids import INSTANCE_ID_FORMAT, INSTANCE_ID_RE
 
 app = Celery("guest")
@@ -25,6 +26,15 @@ app.conf.update(
     worker_consumer="guest.consumer:DeadLetteringConsumer",
     berth_instance_id=None,
 )
+# An idle guest's BRPOP timeout (Redis only: RabbitMQ pushes messages to a consumer), in kombu's
+# transport options; celeryconfig.berth_guest_polling_interval_s says why this value.
+if not on_rabbitmq(app.conf):
+    if not 0 < app.conf.berth_guest_polling_interval_s < 25:
+        raise ValueError(f"berth_guest_polling_interval_s ({app.conf.berth_guest_polling_interval_s:g} s, "
+                         "BERTH_GUEST_POLLING_INTERVAL_S) must be above 0 and below kombu's health check "
+                         "interval (25 s): 0 would block forever, and a longer wait sends a PING before every BRPOP")
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         "polling_interval": app.conf.berth_guest_polling_interval_s}
 
 
 def _check_instance_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
