@@ -8,10 +8,10 @@ a real agent holds and sends what a real agent sends, read from the guest's own 
   ``BRPOP guest.ID guest.ID\\x06\\x163 guest.ID\\x06\\x166 guest.ID\\x06\\x169 <brpop_timeout>``
   (redis-py first sends a PING when the connection was quiet for kombu's ``health_check_interval``);
   one writes the heartbeat reporter's report (guest/heartbeat.py: MULTI, RPUSH of the signed
-  envelope, LTRIM to 16, EXEC) every ``berth_heartbeat_interval_s``; two (kombu's pool, the result
-  backend's) stay idle. And every ``HEAL_INTERVAL_S`` the agent's unacked check
-  (berth/brokers/redis/unacked.py: kombu's own sweep is off) opens a connection of its own, PINGs,
-  reads its unacked index (ZRANGE BYSCORE) and closes it.
+  envelope, LTRIM to 16, in one round trip) every ``berth_heartbeat_interval_s``; two (kombu's
+  pool, the result backend's) stay idle. And every ``HEAL_ANYWAY_S`` (an idle agent's acks all
+  went through) the agent's unacked check (berth/brokers/redis/unacked.py: kombu's own sweep is
+  off) opens a connection of its own, PINGs, reads its unacked index (ZRANGE BYSCORE) and closes it.
 - RabbitMQ: one AMQP connection as its own user with the heartbeat Celery negotiates, one channel,
   ``basic.qos(prefetch_count=1, global=True)``, ``basic.consume`` of ``guest.ID`` with acks; and
   beside it ``STORE_CONNECTIONS_BESIDE_RABBITMQ`` connections to the Redis store (heartbeats, the
@@ -76,7 +76,7 @@ class AgentSettings:
                                                       kombu_redis.DEFAULT_HEALTH_CHECK_INTERVAL)),
             priority_steps=tuple(options.get("priority_steps", channel.priority_steps)),
             sep=str(options.get("sep", channel.sep)),
-            heal_every_s=unacked.HEAL_INTERVAL_S,
+            heal_every_s=unacked.HEAL_ANYWAY_S,
             heal_age_s=unacked.HEAL_AGE_S,
             heartbeat_interval_s=float(app.conf.berth_heartbeat_interval_s),
             amqp_heartbeat_s=int(app.conf.broker_heartbeat or 0))
@@ -126,7 +126,7 @@ def _report(instance_id: str, key: Any) -> str:
 async def _heartbeat(client: aioredis.Redis, instance_id: str, key: Any) -> None:
     from berth.ids import heartbeat_key
 
-    async with client.pipeline(transaction=True) as pipe:
+    async with client.pipeline(transaction=False) as pipe:
         pipe.rpush(heartbeat_key(instance_id), _report(instance_id, key))
         pipe.ltrim(heartbeat_key(instance_id), -KEEP_REPORTS, -1)
         await pipe.execute()

@@ -128,8 +128,10 @@ class RabbitNode:
             # The admin connects over loopback; guests never use this user.
             "loopback_users = none",
             f"consumer_timeout = {CONSUMER_TIMEOUT_MS}",
-            # Queue and connection statistics every second (the management API's view).
-            "collect_statistics_interval = 1000",
+            # Queue and connection statistics every 5 s (RabbitMQ's default; the management API's view,
+            # read only where a few seconds' age does no harm): every second, emitting them was most
+            # of an idle node's work with thousands of guests connected (bench/idle.py).
+            "collect_statistics_interval = 5000",
             "log.console = true",
             "log.console.level = warning",
             "log.file.level = info",

@@ -71,7 +71,9 @@ class Reporter:
     def send(self, report: dict[str, Any]) -> None:
         envelope = json.dumps({"report": report, "mac": identity().key.report_mac(report)})
         key = heartbeat_key(self.instance_id)
-        with self.client.pipeline(transaction=True) as pipe:
+        # One round trip, no MULTI/EXEC: two commands instead of four per report (10,000 idle guests
+        # send them every interval). A taskmanager taking the list in between leaves LTRIM nothing to cut.
+        with self.client.pipeline(transaction=False) as pipe:
             pipe.rpush(key, envelope)
             pipe.ltrim(key, -KEEP_REPORTS, -1)
             pipe.execute()

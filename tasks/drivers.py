@@ -220,23 +220,33 @@ class LocalDriver:
 
         The whole group goes, so a datastore left behind by a crashed agent goes too.
         """
-        pid = self.recorded_pid(instance_id)
-        if pid is None or not group_alive(pid):
-            (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
-            return False
-        _signal_group(pid, signal.SIGTERM)
+        return bool(self._stop_many([instance_id], timeout_s))
+
+    def _stop_many(self, instance_ids: list[str], timeout_s: float | None) -> list[str]:
+        """`stop` for several guests at once: all are asked, then all are waited for, together."""
+        groups = {}
+        for instance_id in instance_ids:
+            pid = self.recorded_pid(instance_id)
+            if pid is None or not group_alive(pid):
+                (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
+            else:
+                groups[instance_id] = pid
+                _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + (_stop_timeout_s() if timeout_s is None else timeout_s)
         released_at = 0.0
-        while group_alive(pid) and time.monotonic() < deadline:
+        while any(group_alive(pid) for pid in groups.values()) and time.monotonic() < deadline:
             if time.monotonic() - released_at > RELEASE_EVERY_S:
-                _release_waits(instance_id)
+                for instance_id, pid in groups.items():
+                    if group_alive(pid):
+                        _release_waits(instance_id)
                 released_at = time.monotonic()
             _reap()
             time.sleep(0.05)
-        _signal_group(pid, signal.SIGKILL)
-        (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
+        for instance_id, pid in groups.items():
+            _signal_group(pid, signal.SIGKILL)
+            (self.guest_dir(instance_id) / AGENT_PIDFILE).unlink(missing_ok=True)
         _reap()
-        return True
+        return list(groups)
 
     def destroy(self, instance_id: str) -> bool:
         """Stop the guest and remove its disk, as deleting a VM would; True if it was running."""
@@ -258,13 +268,9 @@ class LocalDriver:
 
     def stop_all(self, booted_by: str | None = None, timeout_s: float | None = None) -> list[str]:
         """Stop every local guest (or only those booted by one taskmanager node)."""
-        stopped = []
-        for pidfile in sorted(guests_root(self.home).glob(f"*/{AGENT_PIDFILE}")):
-            home = pidfile.parent
-            if booted_by is None or _read(home / BOOTED_BY) == booted_by:
-                if self.stop(home.name, timeout_s):
-                    stopped.append(home.name)
-        return stopped
+        homes = [pidfile.parent for pidfile in sorted(guests_root(self.home).glob(f"*/{AGENT_PIDFILE}"))]
+        return self._stop_many([home.name for home in homes
+                                if booted_by is None or _read(home / BOOTED_BY) == booted_by], timeout_s)
 
 
 class NetnsDriver(LocalDriver):

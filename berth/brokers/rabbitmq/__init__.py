@@ -81,8 +81,9 @@ class RabbitBroker(Broker):
         return None if found is None else found[1]
 
     def queue_empty(self, queue: str) -> bool:
-        """No message ready (AMQP, exact) and none unacknowledged (the management API's view, a
-        second or so old): a retry waiting for its countdown is held unacknowledged by a worker."""
+        """No message ready (AMQP, exact) and none unacknowledged (the management API's view, up to
+        its statistics interval old, 5 s by default): a retry waiting for its countdown is held
+        unacknowledged by a worker."""
         found = self.topology.inspect(queue)
         if found is None:
             return True

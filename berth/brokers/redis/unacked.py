@@ -30,9 +30,14 @@ from berth.tls import redis_from_url
 
 log = logging.getLogger("berth.unacked")
 # How often a consumer checks its own hash for messages it no longer holds, and how long one
-# must have been there: longer than any gap between taking a message and holding it.
+# must have been there: longer than any gap between taking a message and holding it. The check
+# runs only after an acknowledgement could not be written (see `OwnHashQoS._settle`), or at the
+# latest every HEAL_ANYWAY_S: an idle guest opens no connection for it every 10 s.
 HEAL_INTERVAL_S = 10.0
 HEAL_AGE_S = 30.0
+HEAL_ANYWAY_S = 600.0
+# When an ack or requeue last failed to be written (0: none since the last check).
+_unsettled = {"last": 0.0}
 
 
 def restore(app: Celery, transport_options: Mapping[str, Any] | None = None,
@@ -116,6 +121,7 @@ class OwnHashQoS(redis_transport.QoS):
         try:
             write()
         except (redis.ConnectionError, redis.TimeoutError, AttributeError) as exc:
+            _unsettled["last"] = time.monotonic()
             log.warning("could not settle message %s (%s): it stays in the unacked hash and is "
                         "restored later", delivery_tag, exc)
         virtual_QoS.ack(self, delivery_tag)
@@ -131,9 +137,10 @@ class RestoreOwnUnacked(bootsteps.StartStopStep):
     """Consumer step: give back what this consumer's hash holds and it does not.
 
     At every (re)connection, everything it does not hold goes back: that was lost with the
-    previous connection or the previous run. Then, every ``HEAL_INTERVAL_S``, whatever it has
-    not held for ``HEAL_AGE_S`` goes back too (an ack that could not be written, a message
-    requeued on a dead channel). Only for consumers with their own hash: with the shared one,
+    previous connection or the previous run. Then, once an ack or a requeue could not be written
+    (the only way a message is left behind while connected), whatever it has not held for
+    ``HEAL_AGE_S`` goes back too, checked every ``HEAL_INTERVAL_S``; without one, every
+    ``HEAL_ANYWAY_S``. Only for consumers with their own hash: with the shared one,
     others' messages are in it.
     """
 
@@ -142,6 +149,7 @@ class RestoreOwnUnacked(bootsteps.StartStopStep):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.tref: Any = None
+        self.checked_at = time.monotonic()
 
     def _own_hash(self, c: Any) -> str | None:
         options = c.app.conf.broker_transport_options or {}
@@ -159,8 +167,15 @@ class RestoreOwnUnacked(bootsteps.StartStopStep):
             self.tref = c.timer.call_repeatedly(HEAL_INTERVAL_S, self.heal, (c,), priority=10)
 
     def heal(self, c: Any) -> None:
+        unsettled = _unsettled["last"]
+        due = unsettled and time.monotonic() - unsettled > HEAL_AGE_S
+        if not due and time.monotonic() - self.checked_at < HEAL_ANYWAY_S:
+            return
+        self.checked_at = time.monotonic()
         try:
             restored = restore(c.app, keep=_tags_in_hand(), older_than_s=HEAL_AGE_S)
+            if due:  # every failure so far is older than HEAL_AGE_S: its message was put back
+                _unsettled["last"] = 0.0
         except Exception:  # noqa: BLE001 - the broker may be away; the next round tries again
             log.warning("could not check %s for stranded messages", self._own_hash(c), exc_info=True)
             return
