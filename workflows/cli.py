@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("guest-env", help="what a guest started by hand (--boot none) needs: its own broker "
                                           "user and key, as shell variables",
                         description="Prints BERTH_INSTANCE_ID, CELERY_BROKER_URL, CELERY_RESULT_BACKEND and "
-                                    "BERTH_GUEST_KEY for the instance's guest, then the command that starts it. "
+                                    "BERTH_GUEST_KEY for the instance's guest (and BERTH_BROKER_CA, the CA its "
+                                    "broker's certificate must chain to, when it speaks TLS), then the command "
+                                    "that starts it. "
                                     "These are secrets: hand them to that guest only.")
     ge.add_argument("instance_id", metavar="ID")
     ge.add_argument("--json", action="store_true", help="print the variables as one JSON object")
