@@ -199,8 +199,9 @@ berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 10.0)
 # depends on it: one BRPOP per guest per interval (at kombu's own 1 s, 10,000 idle guests send
 # 10,000 a second; BENCHMARKS.md, `make bench-idle`). Kept below kombu's health_check_interval
 # (25 s), or redis-py sends a PING before each BRPOP; a guest notices a silently dead connection
-# within this interval plus 25 s.
-berth_guest_polling_interval_s = _env_float("BERTH_GUEST_POLLING_INTERVAL_S", 10.0)
+# within this interval plus 25 s. A stopping guest's wait is ended by the control plane
+# (Broker.release_waits), so it does not make a stop or a delete slower.
+berth_guest_polling_interval_s = _env_float("BERTH_GUEST_POLLING_INTERVAL_S", 20.0)
 # No heartbeat for this long: the instance is UNKNOWN until one comes (Trove waits 90 s).
 berth_heartbeat_expiry_s = _env_float("BERTH_HEARTBEAT_EXPIRY_S", 35.0)
 # How often each taskmanager takes the heartbeats and looks for silent guests.

@@ -467,10 +467,10 @@ def delivered(result: dict[str, Any]) -> dict[str, float]:
     heartbeat window, in %: a fake that fell behind, or a connection the broker refused, shows here."""
     n, s, on_rabbitmq = result["guests"], result["settings"], result["broker"] == "rabbitmq"
     seen, base = result["heartbeats"]["store_calls_per_s"], result["baseline"]["idle"]["store_calls_per_s"]
-    owed = {"multi": n / s["heartbeat_interval_s"]}  # one report a guest
+    owed = {"rpush": n / s["heartbeat_interval_s"]}  # one report (one RPUSH) a guest
     if not on_rabbitmq:
-        owed.update(brpop=n / s["brpop_timeout_s"], hello=n / s["heal_every_s"])  # its poll, its unacked check
-    names = {"multi": "heartbeats", "brpop": "polls", "hello": "unacked checks"}
+        owed.update(brpop=n / s["brpop_timeout_s"], zrange=n / s["heal_every_s"])  # its poll, its unacked check
+    names = {"rpush": "heartbeats", "brpop": "polls", "zrange": "unacked checks"}
     return {names[c]: round(100 * (seen.get(c, 0) - base.get(c, 0)) / rate, 1) for c, rate in owed.items()}
 
 

@@ -132,6 +132,9 @@ class RabbitNode:
             # read only where a few seconds' age does no harm): every second, emitting them was most
             # of an idle node's work with thousands of guests connected (bench/idle.py).
             "collect_statistics_interval = 5000",
+            # Counts only: Berth reads no message rates, and computing them for every connection,
+            # channel and queue is work an idle node need not do.
+            "management.rates_mode = none",
             "log.console = true",
             "log.console.level = warning",
             "log.file.level = info",
