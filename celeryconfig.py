@@ -192,8 +192,10 @@ berth_guest_stop_timeout_s = _env_float("BERTH_GUEST_STOP_TIMEOUT_S", 10.0)
 berth_pickup_timeout_s = _env_float("BERTH_PICKUP_TIMEOUT_S", 15.0)
 
 # --- Berth: heartbeats and the guest API (seconds) ----------------------------------------------
-# An ACTIVE guest reports its datastore's status this often (guest/heartbeat.py).
-berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 10.0)
+# An ACTIVE guest reports its datastore's status this often (guest/heartbeat.py). Each report is a
+# write the broker makes durable: at 10 s, 10,000 idle guests' reports were most of their cost to
+# a Redis (BENCHMARKS.md, `make bench-idle`); Trove's guests report every 30 s.
+berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 20.0)
 # Redis only: how long an idle guest's BRPOP waits before the guest asks again (kombu's
 # polling_interval; guest/celery_app.py). A message ends the wait at once, so only the idle cost
 # depends on it: one BRPOP per guest per interval (at kombu's own 1 s, 10,000 idle guests send
@@ -203,11 +205,11 @@ berth_heartbeat_interval_s = _env_float("BERTH_HEARTBEAT_INTERVAL_S", 10.0)
 # (Broker.release_waits), so it does not make a stop or a delete slower.
 berth_guest_polling_interval_s = _env_float("BERTH_GUEST_POLLING_INTERVAL_S", 20.0)
 # No heartbeat for this long: the instance is UNKNOWN until one comes (Trove waits 90 s).
-berth_heartbeat_expiry_s = _env_float("BERTH_HEARTBEAT_EXPIRY_S", 35.0)
+berth_heartbeat_expiry_s = _env_float("BERTH_HEARTBEAT_EXPIRY_S", 65.0)
 # How often each taskmanager takes the heartbeats and looks for silent guests.
 berth_heartbeat_check_s = _env_float("BERTH_HEARTBEAT_CHECK_S", 1.0)
 # A guest API call first pings the guest when its last heartbeat is older than this.
-berth_heartbeat_stale_s = _env_float("BERTH_HEARTBEAT_STALE_S", 15.0)
+berth_heartbeat_stale_s = _env_float("BERTH_HEARTBEAT_STALE_S", 25.0)
 # That ping's timeout: a guest that does not answer fails the call at once.
 berth_guest_ping_timeout_s = _env_float("BERTH_GUEST_PING_TIMEOUT_S", 3.0)
 # How long a guest API call waits for the guest's answer (a cast does not wait; its message
