@@ -70,6 +70,13 @@ def start(stack: NetnsStack, instance_id: str, *args: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def cut_during_prepare(stack: NetnsStack, instance_id: str, *, deadline_s: str, prepare_s: str) -> None:
+    """Provision with a prepare that takes ``prepare_s``; cut the link once the guest has it."""
+    start(stack, instance_id, "--prepare-deadline", deadline_s, "--config", f"prepare_seconds={prepare_s}")
+    wait_until(lambda: counts(stack, instance_id, "deliveries") == [1], 60, message="prepare under way")
+    stack.network.cut(instance_id)
+
+
 def journal(stack: NetnsStack, instance_id: str) -> dict[str, Any]:
     return guest_journal(instance_id, stack.home)
 
@@ -130,9 +137,7 @@ def test_a_guest_cut_off_before_its_first_ping_fails_unreachable_and_only_it(net
 
 def test_a_partition_in_the_middle_of_prepare_healed_in_time_ends_active_applied_once(net: NetnsStack) -> None:
     instance_id = unique_id("cut-heal")
-    start(net, instance_id, "--prepare-deadline", "40", "--config", "prepare_seconds=1.5")
-    wait_until(lambda: counts(net, instance_id, "deliveries") == [1], 60, message="prepare under way")
-    net.network.cut(instance_id)
+    cut_during_prepare(net, instance_id, deadline_s="40", prepare_s="1.5")
     try:
         undisturbed(net)
         # The guest finished prepare behind the cut: its answer waits for the link.
@@ -151,9 +156,7 @@ def test_a_partition_in_the_middle_of_prepare_healed_in_time_ends_active_applied
 def test_a_partition_in_the_middle_of_prepare_not_healed_times_out_and_nothing_stale_runs(net: NetnsStack) -> None:
     instance_id = unique_id("cut-stay")
     # Prepare outlasts its deadline behind the cut: the guest cannot hear that the instance failed.
-    start(net, instance_id, "--prepare-deadline", "4", "--config", "prepare_seconds=5")
-    wait_until(lambda: counts(net, instance_id, "deliveries") == [1], 60, message="prepare under way")
-    net.network.cut(instance_id)
+    cut_during_prepare(net, instance_id, deadline_s="4", prepare_s="5")
     try:
         undisturbed(net)
         failed = status(net, instance_id, "FAILED", "ACTIVE", timeout_s=30)
@@ -172,9 +175,7 @@ def test_a_partition_in_the_middle_of_prepare_not_healed_times_out_and_nothing_s
 def test_an_answer_held_behind_a_partition_past_the_deadline_does_not_revive_the_instance(net: NetnsStack) -> None:
     instance_id = unique_id("cut-late")
     # Prepare finishes in time on the guest, but its answer cannot leave before the deadline.
-    start(net, instance_id, "--prepare-deadline", "4", "--config", "prepare_seconds=0.5")
-    wait_until(lambda: counts(net, instance_id, "deliveries") == [1], 60, message="prepare under way")
-    net.network.cut(instance_id)
+    cut_during_prepare(net, instance_id, deadline_s="4", prepare_s="0.5")
     try:
         wait_until(lambda: counts(net, instance_id, "applied") == [1], 30, message="prepare applied, answer held")
         failed = status(net, instance_id, "FAILED", "ACTIVE", timeout_s=30)
