@@ -7,13 +7,13 @@ import logging
 from celery import Celery
 
 from berth.brokers.rabbitmq.celerysteps import without_native_delayed_delivery
-from tasks import results
+from tasks.results import install as trust_results_by_channel
 
 # MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
 app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
 without_native_delayed_delivery()
 # A result published on a guest's answer channel is believed only for the task it names (tasks/results.py).
-results.install()
+trust_results_by_channel()
 app.config_from_object("celeryconfig")
 app.conf.include = ["tasks.taskmanager", "tasks.deletion", "workflows.tasks"]
 
