@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from amqp.exceptions import MessageNacked
+
 from berth.guestapi import OPERATIONS
 from berth.ids import STEPS, step_task_name
 from berth.netns import DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_UID_BASE
@@ -104,7 +106,11 @@ if _ON_RABBITMQ:
     # ... and so is any queue Celery creates on first use (guestapi).
     task_create_missing_queue_type = berth_queue_type
 # A publish against a broker that is down gives up after ~1.5 s and raises, instead of hanging.
-task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6}
+# A publish RabbitMQ refused (a nack: the queue's leader was lost, in a cluster) is tried again
+# the same way: the next one waits for the new leader's confirm. Celery gives up a refused
+# callback publish (a chain's next step) at once otherwise, and the finished step would fail.
+task_publish_retry_policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.6,
+                             "retry_errors": (MessageNacked,)}
 # Seconds a task result stays in Redis (delete removes an instance's results earlier).
 result_expires = int(_env_float("BERTH_RESULT_EXPIRES_S", 86400.0))
 # The crash drills' failpoints (devtools/failpoints.py), loaded by a worker only when a drill names some.
