@@ -13,7 +13,7 @@ import os
 from amqp.exceptions import MessageNacked
 
 from berth.guestapi import OPERATIONS
-from berth.ids import STEPS, step_task_name
+from berth.ids import ROUTED_STEPS, step_task_name
 from berth.netns import DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_UID_BASE
 from berth.paths import broker_url_file, rabbitmq_api_file, result_url_file
 from berth.tls import amqp_ssl, load_ca, redis_ssl, scheme
@@ -139,12 +139,14 @@ GUEST_API_QUEUE = "guestapi"
 STEP_PRIORITY = 6
 task_routes = {
     **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in OPERATIONS},
-    **{step_task_name(step): {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in STEPS},
+    **{step_task_name(step): {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in ROUTED_STEPS},
 }
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-task_track_started = True
+# No STARTED state in the result backend: it cost every task a read and a write before its body
+# ran, and nothing reads it (Flower learns that a task started from the task-started event).
+task_track_started = False
 worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = True

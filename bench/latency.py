@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from bench.common import BenchStack, broker_option, summary_ms
+from berth import roundtrips
 
 STEP_FIELDS = ["created_at", "queue_created_at", "booted_at", "ping_started_at", "guest_ready_at",
                "prepare_sent_at", "active_at"]
@@ -107,15 +108,30 @@ def start_guests(stack: BenchStack, ids: list[str]) -> tuple[list[Any], dict[str
     return guests, request_ids
 
 
+def per_task(totals: dict[str, dict[str, int]], instances: int) -> dict[str, Any]:
+    """Per task name: runs per provisioning, and per run its round trips and slot time (ms).
+
+    ``celery.accumulate`` is the bare task of the baseline; ``provisioning`` sums the steps.
+    """
+    tasks = {name: {**roundtrips.per_run(figures), "runs_per_provisioning": figures.get("runs", 0) / instances}
+             for name, figures in sorted(totals.items())}
+    steps = [figures for name, figures in totals.items() if name.startswith("taskmanager.")]
+    whole = {kind: sum(f.get(kind, 0) for f in steps) / instances for kind in (*roundtrips.KINDS, "runs")}
+    whole["slot_ms"] = sum(f.get("slot_us", 0) for f in steps) / instances / 1000
+    return {"tasks": tasks, "provisioning": whole}
+
+
 def run(instances: int = 200, round_trips: int = 300, wave: int = 20, broker: str = "redis") -> dict[str, Any]:
     stack = BenchStack(broker)
     try:
+        os.environ[roundtrips.ENV] = "1"  # the taskmanager counts each task's round trips and slot time
         stack.start_taskmanager()
         from tasks import app
-        from tasks.runtime import records
+        from tasks.runtime import records, redis_client
         from workflows import provision_chain
 
         bare_round_trips(app, 20)  # warm up connections and the worker's pool
+        redis_client().delete(roundtrips.COUNTS_KEY)
         bare = bare_round_trips(app, round_trips)
         berth: list[float] = []
         # Each segment of a provisioning: "created" runs from the send to the record's creation.
@@ -144,6 +160,7 @@ def run(instances: int = 200, round_trips: int = 300, wave: int = 20, broker: st
             "bare_round_trip": summary_ms(bare), "provision_to_active": summary_ms(berth),
             "broker": broker, "broker_round_trip": broker_round_trips(200),
             "steps_p50_ms": {name: summary_ms(values)["p50_ms"] for name, values in steps.items()}}
+        result["per_task"] = per_task(roundtrips.read(redis_client()), instances)
         if stack.on_rabbitmq:
             result["amqp_round_trip"] = amqp_round_trips(200)
         ratio = result["provision_to_active"]["p50_ms"] / result["bare_round_trip"]["p50_ms"]

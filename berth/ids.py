@@ -55,9 +55,13 @@ def binding_member(instance_id: str) -> str:
 
 # The steps of the provisioning chain and of the delete chain, in order: each is the task
 # ``taskmanager.<step>``. Routes, metrics, the reconciler and the chains are derived from these.
-PROVISION_STEPS = ("create_queue", "boot_guest", "ping_guest", "send_prepare", "verify")
+PROVISION_STEPS = ("create_queue", "ping_guest", "send_prepare", "verify")
 DELETE_STEPS = ("shutdown_guest", "remove_instance")
 STEPS = PROVISION_STEPS + DELETE_STEPS
+# Steps of earlier chains (create_queue boots the guest now): still routed and run, for a chain
+# that was in flight when the taskmanager was upgraded.
+RETIRED_STEPS = ("boot_guest",)
+ROUTED_STEPS = STEPS + RETIRED_STEPS
 
 
 def step_task_name(step: str) -> str:

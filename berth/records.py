@@ -315,6 +315,16 @@ class Records:
         encoded: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
         self.client.hset(record_key(instance_id), mapping={**encoded, "updated_at": str(time.time())})
 
+    def update_counting(self, instance_id: str, counter: str | None, **fields: Any) -> None:
+        """`update`, and one more in the field ``counter`` (if named), in one round trip."""
+        key = record_key(instance_id)
+        encoded: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={**encoded, "updated_at": str(time.time())})
+            if counter:
+                pipe.hincrby(key, counter, 1)
+            pipe.execute()
+
     def set_once(self, instance_id: str, name: str, value: Any) -> Any:
         """Set a field unless already set, return the stored value (redelivery keeps the first)."""
         return self.set_each_once(instance_id, **{name: value})[name]

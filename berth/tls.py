@@ -180,6 +180,12 @@ def process_ca() -> str | None:
     return load_ca(os.environ.get("BERTH_BROKER_CA"))
 
 
+# A new connection costs no round trip of its own: redis-py 8 opens each one with HELLO 3, CLIENT
+# MAINT_NOTIFICATIONS and two CLIENT SETINFO (four round trips before the first command), and a
+# subscriber's connection is new each time (`tasks.waiting`). Berth needs nothing of RESP3.
+CONNECTION_DEFAULTS: dict[str, Any] = {"protocol": 2, "driver_info": None}
+
+
 def redis_from_url(url: str, **kwargs: Any) -> redis.Redis:
     """``redis.Redis.from_url`` that verifies a rediss:// server against this process's CA."""
-    return redis.Redis.from_url(url, **redis_ssl(url, process_ca()), **kwargs)
+    return redis.Redis.from_url(url, **redis_ssl(url, process_ca()), **{**CONNECTION_DEFAULTS, **kwargs})

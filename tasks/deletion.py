@@ -64,6 +64,7 @@ class DeleteStep(Step):
     """
 
     ignore_result = True
+    store_errors_even_if_ignored = False
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         instance_id = instance_of(args, kwargs)

@@ -41,7 +41,8 @@ def next_step(record: InstanceRecord) -> str | None:
     if record.status is Status.NEW:
         return "create_queue"  # recorded by `workflows.submit`, its message lost
     if record.status is Status.BUILD:
-        for step, done in (("boot_guest", "booted_at"), ("ping_guest", "guest_ready_at"),
+        # Not booted yet: create_queue again (it boots; all it did before is safe to repeat).
+        for step, done in (("create_queue", "booted_at"), ("ping_guest", "guest_ready_at"),
                            ("send_prepare", "prepare_sent_at")):
             if record.get(done) is None:
                 return step

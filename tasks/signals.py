@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init, worker_ready, worker_shutdown
 
+from berth import roundtrips
 from berth.config import ensure_safe
 from berth.errors import UnsafeSettings
 from tasks.drivers import LocalDriver
-from tasks.runtime import broker
+from tasks.runtime import broker, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,22 @@ def stop_local_guests(sender: Any = None, **_: Any) -> None:
     stopped = LocalDriver().stop_all(booted_by=hostname)
     if stopped:
         log.info("stopped %d local guest(s) on shutdown: %s", len(stopped), ", ".join(stopped))
+
+
+if roundtrips.enabled():
+    # `make bench` only (berth/roundtrips.py): each task's round trips and slot time, per task name.
+    @worker_init.connect
+    @worker_process_init.connect
+    def count_round_trips(**_: Any) -> None:
+        roundtrips.install()
+
+    @task_prerun.connect
+    def count_for_task(sender: Any = None, **_: Any) -> None:
+        roundtrips.begin(getattr(sender, "name", "?"))
+
+    @task_postrun.connect
+    def counted_task_done(**_: Any) -> None:
+        try:
+            roundtrips.end(roundtrips.add_to(redis_client()))
+        except Exception as exc:  # noqa: BLE001 - a benchmark's bookkeeping never fails a task
+            log.warning("round trips not recorded: %s", exc)

@@ -1,6 +1,8 @@
 """The provisioning steps, one task each, in chain order:
 
-    create_queue -> boot_guest -> ping_guest -> send_prepare -> verify
+    create_queue -> ping_guest -> send_prepare -> verify
+
+create_queue also boots the guest (a driver call, not a broker hop of its own).
 
 Every step takes the instance id, reads what it needs from the instance record and is safe
 to run twice (a taskmanager killed mid-step gets its message again). No step waits long:
@@ -46,6 +48,7 @@ from berth.errors import (
 from berth.guestapi import check_connection, check_count
 from berth.ids import (
     PROVISION_STEPS,
+    RETIRED_STEPS,
     TASKMANAGER_QUEUE,
     guest_queue,
     ping_task_id,
@@ -172,6 +175,11 @@ class Step(Task):
     """
 
     throws = (ProvisioningError,)
+    # A step's success is the instance id, which the chain hands to the next step itself: not
+    # stored (a write per step that nobody reads). A failure is stored, for `celery result` and
+    # for the chain's caller; verify stores its summary, the chain's result.
+    ignore_result = True
+    store_errors_even_if_ignored = True
     # A connection to the broker that breaks under a publish (a node going away) too.
     autoretry_for = (*CONNECTION_ERRORS, BrokenPipeError)
     retry_backoff = 1
@@ -242,9 +250,10 @@ class Step(Task):
         if record is None or record.status not in (Status.DELETING, Status.DELETED):
             return
         request_id = record["request_id"]
-        if task_id not in {step_task_id(instance_id, request_id, step) for step in PROVISION_STEPS}:
+        steps = PROVISION_STEPS + RETIRED_STEPS
+        if task_id not in {step_task_id(instance_id, request_id, step) for step in steps}:
             return
-        stale = [result_key(step_task_id(instance_id, request_id, step)) for step in PROVISION_STEPS]
+        stale = [result_key(step_task_id(instance_id, request_id, step)) for step in steps]
         redis_client().delete(*stale)
         records().set_once(instance_id, "chain_stopped_at", time.time())
         log.info("instance %s: provisioning chain stopped at %s for delete", instance_id, self.name)
@@ -257,10 +266,11 @@ def summary(record: InstanceRecord) -> dict[str, Any]:
 
 @app.task(base=Step, name="taskmanager.create_queue", bind=True)
 def create_queue(self: Task, instance_id: str, request_id: str | None = None, **fields: Any) -> str:
-    """Record the instance and declare guest.ID durably before anything is sent to it.
+    """Record the instance, declare guest.ID durably before anything is sent to it, then boot the guest.
 
     ``request_id`` names the provisioning request: the same request arriving again (a
     redelivery) goes on; another request for an id in use is refused with InstanceExists.
+    Booting is a driver call, safe to repeat (a guest already running is left alone).
     """
     request_id = request_id or self.request.root_id or self.request.id
     register(validated(instance_id, **fields), request_id)
@@ -269,25 +279,27 @@ def create_queue(self: Task, instance_id: str, request_id: str | None = None, **
     broker().mint_guest(instance_id, request_id)
     records().transition(instance_id, Status.BUILD, [Status.NEW], "create_queue",
                          queue_created_at=time.time())
-    _building(instance_id)
+    _boot(instance_id, _building(instance_id), "create_queue", self.request.hostname or "")
     checkpoints.reached("create_queue.done")
     return instance_id
 
 
-@app.task(base=Step, name="taskmanager.boot_guest", bind=True)
-def boot_guest(self: Task, instance_id: str) -> str:
+def _boot(instance_id: str, record: InstanceRecord, step: str, hostname: str) -> None:
     """Start the guest with the instance's boot driver (`none` leaves it to someone else)."""
-    record = _building(instance_id)
     driver = DRIVERS[record["boot"]]
     try:
-        info = driver.boot(instance_id, record["boot_delay_s"], booted_by=self.request.hostname or "",
-                           request_id=record["request_id"])
+        info = driver.boot(instance_id, record["boot_delay_s"], booted_by=hostname, request_id=record["request_id"])
     except OSError as exc:
-        _fail(instance_id, Reason.BOOT_FAILED, "boot_guest", f"{driver.name} driver: {exc}", BootFailed)
-    records().update(instance_id, booted_at=time.time())
-    if not info.get("already_running", True):
-        records().incr(instance_id, "boots")
+        _fail(instance_id, Reason.BOOT_FAILED, step, f"{driver.name} driver: {exc}", BootFailed)
+    fresh = not info.get("already_running", True)
+    records().update_counting(instance_id, "boots" if fresh else None, booted_at=time.time())
     log.info("instance %s: boot driver %s: %s", instance_id, driver.name, info)
+
+
+@app.task(base=Step, name="taskmanager.boot_guest", bind=True)
+def boot_guest(self: Task, instance_id: str) -> str:
+    """A step of earlier chains (berth.ids.RETIRED_STEPS), for a chain in flight across an upgrade."""
+    _boot(instance_id, _building(instance_id), "boot_guest", self.request.hostname or "")
     return instance_id
 
 
@@ -391,7 +403,7 @@ def send_prepare(self: Task, instance_id: str) -> str:
     return instance_id
 
 
-@app.task(base=Step, name="taskmanager.verify", bind=True, max_retries=None)
+@app.task(base=Step, name="taskmanager.verify", bind=True, max_retries=None, ignore_result=False)
 def verify(self: Task, instance_id: str) -> dict[str, Any]:
     """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
     current = records().get(instance_id)

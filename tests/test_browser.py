@@ -34,8 +34,8 @@ pytestmark = pytest.mark.usefixtures("taskmanager")
 AUTH = FLOWER_AUTH
 PASSWORD = "Br0wser-Secret-Value-77"
 SCREENSHOT = Path(os.environ.get("BERTH_SCREENSHOT") or PROJECT_DIR / "tests" / "artifacts" / "flower-tasks.png")
-CHAIN_STEPS = ["taskmanager.create_queue", "taskmanager.boot_guest", "taskmanager.ping_guest",
-               "taskmanager.send_prepare", "taskmanager.verify"]
+CHAIN_STEPS = ["taskmanager.create_queue", "taskmanager.ping_guest", "taskmanager.send_prepare",
+               "taskmanager.verify"]
 
 
 def system_binary(name: str) -> str:

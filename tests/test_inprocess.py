@@ -32,7 +32,9 @@ def celery_worker_parameters() -> dict[str, Any]:
 
 
 def on_worker(task: Any, *args: Any, task_id: str | None = None, **kwargs: Any) -> Any:
-    return task.apply_async(args=args, kwargs=kwargs, queue=QUEUE, task_id=task_id).get(timeout=20)
+    # A step stores no result of its own unless its caller asks for it (tasks.taskmanager.Step).
+    return task.apply_async(args=args, kwargs=kwargs, queue=QUEUE, task_id=task_id,
+                            ignore_result=False).get(timeout=20)
 
 
 def test_create_queue_records_the_instance_and_declares_its_queue(
@@ -53,12 +55,12 @@ def test_create_queue_run_twice_for_the_same_request_is_harmless(
 
     instance_id = new_id("twice")
     first = create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop"}, queue=QUEUE,
-                                     task_id=f"{instance_id}.create_queue")
+                                     task_id=f"{instance_id}.create_queue", ignore_result=False)
     assert first.get(timeout=20) == instance_id
     created_at = records.get(instance_id)["created_at"]  # type: ignore[index]
     # A redelivery carries the same task (and root) id.
     again = create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop"}, queue=QUEUE,
-                                     task_id=f"{instance_id}.create_queue")
+                                     task_id=f"{instance_id}.create_queue", ignore_result=False)
     assert again.get(timeout=20) == instance_id
     assert records.get(instance_id)["created_at"] == created_at  # type: ignore[index]
 

@@ -127,17 +127,20 @@ def test_an_expired_prepare_is_discarded_by_the_guest_unrun(new_id: Callable[[st
 def test_an_unexpected_error_in_a_step_fails_the_instance_instead_of_stranding_it(
         new_id: Callable[[str], str], records: Records, taskmanager: Proc) -> None:
     instance_id = new_id("oops")
-    create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"}).get(timeout=20)
+    create_queue.apply_async(args=[instance_id], kwargs={"datastore": "noop", "boot": "none"},
+                             ignore_result=False).get(timeout=20)
     drop_guest_queue(instance_id)  # the queue vanished behind the taskmanager's back
     request_id = records.get(instance_id)["request_id"]  # type: ignore[index]
-    stray = send_prepare.apply_async(args=[instance_id])  # not the instance's own chain: changes nothing
+    # Not the instance's own chain: changes nothing.
+    stray = send_prepare.apply_async(args=[instance_id], ignore_result=False)
     with pytest.raises(QueueMissing):
         stray.get(timeout=20)
     # The worker logs the failure after on_failure has run: only then is the record final.
     wait_until(lambda: f"send_prepare[{stray.id}] raised expected" in taskmanager.log(), 10,
                message="the stray call's failure handled")
     assert records.get(instance_id).status is Status.BUILD  # type: ignore[union-attr]
-    own = send_prepare.apply_async(args=[instance_id], task_id=step_task_id(instance_id, request_id, "send_prepare"))
+    own = send_prepare.apply_async(args=[instance_id], task_id=step_task_id(instance_id, request_id, "send_prepare"),
+                                   ignore_result=False)
     with pytest.raises(QueueMissing):
         own.get(timeout=20)
     # Celery stores the task's failure, then runs its on_failure: the record follows at once.

@@ -46,7 +46,7 @@ def resumed(client: redis.Redis) -> list[str]:
 LATER = 1000.0  # seconds ahead: the instance is stalled
 
 
-def message(task_id: str, task: str = "taskmanager.boot_guest", args: list[Any] | None = None) -> str:
+def message(task_id: str, task: str = "taskmanager.create_queue", args: list[Any] | None = None) -> str:
     """A message as kombu keeps it in a queue list or an unacked hash (payload, exchange, key)."""
     body = base64.b64encode(json.dumps([args or [], {}, {}]).encode()).decode()
     return json.dumps([{"body": body, "headers": {"id": task_id, "task": task},
@@ -61,7 +61,7 @@ def broker(stack: Any) -> redis.Redis:
 
 @pytest.fixture
 def building(broker: redis.Redis) -> Iterator[str]:
-    """An instance in BUILD that has not booted yet (its next step: boot_guest)."""
+    """An instance in BUILD that has not booted yet (its next step: create_queue, which boots it)."""
     instance_id = unique_id("rec")
     broker.hset(record_key(instance_id), mapping={
         "instance_id": instance_id, "status": "BUILD", "request_id": f"req-{instance_id}", "boot": "none",
@@ -73,7 +73,7 @@ def building(broker: redis.Redis) -> Iterator[str]:
 
 def test_a_step_queued_at_the_steps_priority_is_not_resumed(broker: redis.Redis, building: str) -> None:
     step_list = kombu_lists(TASKMANAGER_QUEUE)[2]  # the steps' priority (6)
-    broker.rpush(step_list, message("someone-else.boot_guest.x"))
+    broker.rpush(step_list, message("someone-else.create_queue.x"))
     assert resumed(broker) == [], "a busy queue may hold its step"
     broker.delete(step_list)
     assert resumed(broker) == [building]
@@ -83,7 +83,7 @@ def test_a_step_held_by_a_taskmanager_is_not_resumed_and_a_lost_one_is(broker: r
     client = broker
     node = "tm-test-held@nowhere"
     held = node_unacked_keys(node)["unacked_key"]
-    task_id = step_task_id(building, f"req-{building}", "boot_guest")
+    task_id = step_task_id(building, f"req-{building}", "create_queue")
     client.sadd(NODES_KEY, node)
     client.hset(held, "tag-1", message(task_id))
     try:

@@ -26,7 +26,7 @@ def record(status: str, **fields: Any) -> InstanceRecord:
 
 @pytest.mark.parametrize(("status", "fields", "step"), [
     ("NEW", {}, "create_queue"),
-    ("BUILD", {}, "boot_guest"),
+    ("BUILD", {}, "create_queue"),
     ("BUILD", {"booted_at": 1.0}, "ping_guest"),
     ("BUILD", {"booted_at": 1.0, "guest_ready_at": 2.0}, "send_prepare"),
     ("BUILD", {"booted_at": 1.0, "guest_ready_at": 2.0, "prepare_sent_at": 3.0}, "verify"),

@@ -1,4 +1,4 @@
-"""Provisioning as a Celery chain: create_queue -> boot_guest -> ping_guest -> send_prepare -> verify.
+"""Provisioning as a Celery chain: create_queue -> ping_guest -> send_prepare -> verify.
 
     from workflows import provision_chain
     result = provision_chain("db-1", datastore="redis",
@@ -28,7 +28,6 @@ from tasks.deletion import remove_instance, shutdown_guest
 from tasks.runtime import records, redis_client
 from tasks.taskmanager import (
     REQUEST_FIELDS,
-    boot_guest,
     create_queue,
     ping_guest,
     register,
@@ -58,7 +57,6 @@ def provision_chain(instance_id: str, *, request_id: str | None = None, **reques
 
     return chain(
         create_queue.si(iid, request_id=rid, **spec).set(task_id=step_id("create_queue")),
-        boot_guest.si(iid).set(task_id=step_id("boot_guest")),
         ping_guest.si(iid).set(task_id=step_id("ping_guest")),
         send_prepare.si(iid).set(task_id=step_id("send_prepare")),
         verify.si(iid).set(task_id=step_id("verify")),
@@ -163,7 +161,7 @@ def resume_chain(record: InstanceRecord, step: str) -> chain:
         names = DELETE_STEPS
     else:
         iid, rid = record.instance_id, record["request_id"]
-        tasks = {"boot_guest": boot_guest, "ping_guest": ping_guest, "send_prepare": send_prepare, "verify": verify}
+        tasks = {"ping_guest": ping_guest, "send_prepare": send_prepare, "verify": verify}
         whole = chain(*(tasks[name].si(iid).set(task_id=step_task_id(iid, rid, name)) for name in STEPS[1:]))
         names = STEPS[1:]
     return chain(*whole.tasks[names.index(step):])
