@@ -57,7 +57,7 @@ def test_provisioning_the_same_id_twice_from_python_is_refused(new_id: Callable[
     record = records.get(instance_id)
     assert record is not None and record["datastore"] == "noop", "the second request changed nothing"
     with pytest.raises(InstanceExists):
-        second.parent.parent.parent.parent.get(timeout=30)  # its create_queue refused it
+        second.parent.parent.parent.get(timeout=30)  # its create_queue refused it
 
 
 @pytest.mark.parametrize("iteration", range(2))
