@@ -165,7 +165,7 @@ def run(instances: int = 200, round_trips: int = 300, wave: int = 20, broker: st
             result["amqp_round_trip"] = amqp_round_trips(200)
         ratio = result["provision_to_active"]["p50_ms"] / result["bare_round_trip"]["p50_ms"]
         result["ratio_p50"] = ratio
-        result["target"] = {"what": "Berth p50 <= 8 x the bare round trip p50", "met": ratio <= 8.0}
+        result["target"] = {"what": "Berth p50 <= 6 x the bare round trip p50", "met": ratio <= 6.0}
         return result
     finally:
         stack.close()

@@ -40,7 +40,7 @@ from prometheus_client.utils import floatToGoString
 
 from berth.ids import RECORD_INDEX_KEY, STEP_HISTOGRAM_KEY, STEPS, TRANSITIONS_KEY, record_key
 from berth.logs import structured
-from berth.records import Records, Status
+from berth.records import InstanceRecord, Records, Status
 
 log = logging.getLogger("berth.metrics")
 
@@ -58,11 +58,12 @@ _BOUNDS = [str(b) for b in BUCKETS[:-1]] + ["inf"]
 
 
 def step_started(records: Records, instance_id: str, step: str, task_id: str, now: float | None = None,
-                 *, ran: bool = False) -> bool:
+                 *, ran: bool = False) -> InstanceRecord | None:
     """A step of the instance's own chain starts a run: keep the time of its first run.
 
     Stored as ``<step>_started_at`` on the record (the first run's time survives retries,
-    redeliveries and other taskmanager processes). Returns False for a task that is not the
+    redeliveries and other taskmanager processes). Returns the record as it is then (one read
+    the step need not make), or None for a task that is not the
     instance's chain step (a stray call from a shell), or when there is no record yet:
     create_queue's first run, which creates it; its start is the record's ``created_at`` then.
     With ``ran``, also notes that the instance's chain ran a step now (`Records.step_ran`), in the

@@ -26,6 +26,7 @@ from berth.ids import (
     TRANSITIONS_KEY,
     finished_request_key,
     record_key,
+    secrets_key,
 )
 from berth.logs import transition_line
 from berth.spec import ProvisionRequest
@@ -88,6 +89,32 @@ return {1, cur, since}
 """
 
 
+# A new record, in one round trip and all or nothing: the record, its place in the index, the
+# request's secrets (sealed at rest, expiring) and its mark as in flight. KEYS[1] record, KEYS[2]
+# the finished-request marker, KEYS[3] the record index, KEYS[4] the in-flight index, KEYS[5] the
+# secrets. ARGV: request id, now, instance id, secrets' TTL (s), number of fields, field/value
+# pairs, then secret name/value pairs. Returns {'created'}, {'mine'} (this request made it
+# already), {'exists', status} or {'finished'} (a stale redelivery of a deleted instance's request).
+_CREATE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'finished'} end
+local cur = redis.call('HMGET', KEYS[1], 'status', 'request_id')
+if cur[1] and cur[1] ~= 'DELETED' then
+  if cur[2] == ARGV[1] then return {'mine'} end
+  return {'exists', cur[1]}
+end
+local n = tonumber(ARGV[5])
+redis.call('DEL', KEYS[1], KEYS[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + 2 * n))
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+if #ARGV > 5 + 2 * n then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 6 + 2 * n, #ARGV))
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+end
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
+return {'created'}
+"""
+
+
 # Whether a task is a step of the instance's own chains: its id is ``<id>.<step>.<tag>``, the tag
 # being the first 12 hex digits of the SHA-1 of the provisioning or delete request id
 # (`berth.ids.step_task_id`). A stray call of a step from a shell records nothing.
@@ -104,12 +131,13 @@ end
 """
 # KEYS[1] the record, KEYS[2] the in-flight index. ARGV: instance id, step, task id, now, '1' to
 # note in the index that the instance's chain ran a step now (for the reconciler). Keeps the
-# time of the step's first run in ``<step>_started_at``; 1 for an own step, else 0.
+# time of the step's first run in ``<step>_started_at``; for an own step returns the record as
+# it is then (HGETALL: the step reads it without a round trip of its own), else 0.
 _START = _OWN + """
 if ARGV[5] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
 if not own(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('HSETNX', KEYS[1], ARGV[2] .. '_started_at', ARGV[4])
-return 1
+return redis.call('HGETALL', KEYS[1])
 """
 # KEYS[1] the record, KEYS[2] the histogram. ARGV: instance id, step, task id, now, the field to
 # fall back on when the start was not recorded ('' for none), the number of buckets N, their N
@@ -234,38 +262,35 @@ class Records:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
 
-    def create(self, request: ProvisionRequest, request_id: str, now: float | None = None) -> bool:
-        """Create the NEW record; True if created, False if this same request made it already.
+    def create(self, request: ProvisionRequest, request_id: str, now: float | None = None, *,
+               sealed: dict[str, str] | None = None, secrets_ttl_s: float = 0.0) -> bool:
+        """Create the NEW record, in flight, with the request's ``sealed`` passwords kept aside for
+        ``secrets_ttl_s``: all in one round trip, or nothing. True if created, False if this same
+        request made it already.
 
         Raises InstanceExists when another request owns the id (unless that one was DELETED).
         """
-        key = record_key(request.instance_id)
+        instance_id = request.instance_id
         now = time.time() if now is None else now
         fields = {**request.public(), "status": Status.NEW, "request_id": request_id,
                   "created_at": now, "updated_at": now, "ping_attempts": 0}
-        with self.client.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    if pipe.exists(finished_request_key(request_id)):
-                        raise RequestFinished(f"request {request_id} for {request.instance_id} finished "
-                                              "long ago (its instance was deleted): a stale redelivery")
-                    current = [None if v is None else text(v) for v in pipe.hmget(key, "status", "request_id")]
-                    if current[0] is not None and current[0] != Status.DELETED.value:
-                        if current[1] == request_id:
-                            return False
-                        raise InstanceExists(f"instance {request.instance_id} already exists "
-                                             f"(status {current[0]})")
-                    pipe.multi()
-                    pipe.delete(key)
-                    mapping: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
-                    pipe.hset(key, mapping=mapping)
-                    pipe.zadd(RECORD_INDEX_KEY, {request.instance_id: now})
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
+        pairs = [item for name, value in fields.items() for item in (name, _encode(name, value))]
+        secret_pairs = [item for name, value in (sealed or {}).items() for item in (name, value)]
+        outcome = self._create(
+            keys=[record_key(instance_id), finished_request_key(request_id), RECORD_INDEX_KEY, INFLIGHT_KEY,
+                  secrets_key(instance_id)],
+            args=[request_id, str(now), instance_id, max(1, int(secrets_ttl_s)), len(fields), *pairs,
+                  *secret_pairs])
+        verdict = [text(part) for part in outcome]
+        if verdict[0] == "finished":
+            raise RequestFinished(f"request {request_id} for {instance_id} finished "
+                                  "long ago (its instance was deleted): a stale redelivery")
+        if verdict[0] == "exists":
+            raise InstanceExists(f"instance {instance_id} already exists (status {verdict[1]})")
+        if verdict[0] == "mine":
+            return False
         log.info("instance %s: created NEW (datastore=%s boot=%s)", request.instance_id,
                  request.datastore, request.boot)
         return True
@@ -325,6 +350,14 @@ class Records:
                 pipe.hincrby(key, counter, 1)
             pipe.execute()
 
+    def count_and_set_once(self, instance_id: str, counter: str, name: str, value: Any) -> None:
+        """One more in ``counter`` and `set_once` of ``name``, in one round trip."""
+        key = record_key(instance_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, counter, 1)
+            pipe.hsetnx(key, name, _encode(name, value))
+            pipe.execute()
+
     def set_once(self, instance_id: str, name: str, value: Any) -> Any:
         """Set a field unless already set, return the stored value (redelivery keeps the first)."""
         return self.set_each_once(instance_id, **{name: value})[name]
@@ -339,13 +372,18 @@ class Records:
             stored = pipe.execute()[-1]
         return {name: _decode(name, raw) for name, raw in zip(fields, stored, strict=True)}
 
-    def mark_step_started(self, instance_id: str, step: str, task_id: str, now: float, *, ran: bool) -> bool:
-        """Keep ``<step>_started_at`` (the first run's time) for a step of the instance's own chain;
-        with ``ran``, note in the in-flight index that its chain ran a step now. False for a stray
-        call or a record not made yet (metrics.step_started says more)."""
+    def mark_step_started(self, instance_id: str, step: str, task_id: str, now: float, *,
+                          ran: bool) -> InstanceRecord | None:
+        """Keep ``<step>_started_at`` (the first run's time) for a step of the instance's own chain
+        and return its record as it is now; with ``ran``, note in the in-flight index that its chain
+        ran a step now. None for a stray call or a record not made yet (metrics.step_started says more)."""
         start = self.client.register_script(_START)
-        return bool(start(keys=[record_key(instance_id), INFLIGHT_KEY],
-                          args=[instance_id, step, task_id, repr(now), "1" if ran else ""]))
+        found = start(keys=[record_key(instance_id), INFLIGHT_KEY],
+                      args=[instance_id, step, task_id, repr(now), "1" if ran else ""])
+        if not isinstance(found, list) or not found:
+            return None
+        pairs = iter(found)
+        return InstanceRecord({text(k): _decode(text(k), v) for k, v in zip(pairs, pairs, strict=True)})
 
     def mark_step_succeeded(self, instance_id: str, step: str, task_id: str, now: float, bounds: list[str],
                             labels: tuple[str, ...]) -> float | None:

@@ -98,12 +98,18 @@ def pong_of(instance_id: str, ping_id: str) -> dict[str, Any] | None:
     return check_pong(answer.result, instance_id) if answer is not None and answer.ok else None
 
 
-def note_guest_address(instance_id: str) -> dict[str, str] | None:
+def guest_address(instance_id: str) -> dict[str, str]:
     """Where the guest connects from and how (``tls``, ``plain``, ``mixed``), as the broker sees its
-    connections now, kept on the record for `list` and the metrics; None when it has none open."""
+    connections now, as record fields (for `list` and the metrics); empty when it has none open."""
     connections = broker().guest_connections(instance_id)
     if not connections:
-        return None
-    fields = {"guest_host": hosts_of(connections), "guest_transport": transport_of(connections)}
-    records().update(instance_id, **fields)
-    return fields
+        return {}
+    return {"guest_host": hosts_of(connections), "guest_transport": transport_of(connections)}
+
+
+def note_guest_address(instance_id: str) -> dict[str, str] | None:
+    """`guest_address`, kept on the record; None when the guest has no connection open."""
+    fields = guest_address(instance_id)
+    if fields:
+        records().update(instance_id, **fields)
+    return fields or None

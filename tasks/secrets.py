@@ -14,14 +14,9 @@ from berth.keys import seal_at_rest, unseal_at_rest
 from berth.spec import User
 
 
-def store(client: redis.Redis, instance_id: str, users: tuple[User, ...], ttl_s: float) -> None:
-    key = secrets_key(instance_id)
-    with client.pipeline() as pipe:
-        pipe.delete(key)
-        if users:
-            pipe.hset(key, mapping={u.name: seal_at_rest(u.password) for u in users})
-            pipe.expire(key, max(1, int(ttl_s)))
-        pipe.execute()
+def sealed(users: tuple[User, ...]) -> dict[str, str]:
+    """The users' passwords sealed at rest, by name: what `Records.create` keeps aside."""
+    return {u.name: seal_at_rest(u.password) for u in users}
 
 
 def load(client: redis.Redis, instance_id: str) -> dict[str, str]:

@@ -111,21 +111,14 @@ def register(request: ProvisionRequest, request_id: str) -> bool:
 
     Raises InstanceExists when another request owns the id.
     """
-    if not records().create(request, request_id=request_id):
-        return False
     ttl = request.boot_delay_s + request.ping_deadline_s + request.prepare_deadline_s + SECRETS_MARGIN_S
-    try:
-        secrets.store(redis_client(), request.instance_id, request.users, ttl)
-        records().step_ran(request.instance_id)
-    except Exception:
-        # Nothing half-created: without its secrets the record would block the id for nothing.
-        records().forget(request.instance_id, request_id)
-        raise
-    return True
+    # One round trip, all or nothing: without its secrets the record would block the id for nothing.
+    return records().create(request, request_id=request_id, sealed=secrets.sealed(request.users), secrets_ttl_s=ttl)
 
 
-def _building(instance_id: str) -> InstanceRecord:
-    record = records().get(instance_id)
+def _building(instance_id: str, task: Task | None = None) -> InstanceRecord:
+    """The instance's record, in BUILD: as ``task``'s start read it (`Step.before_start`), else read now."""
+    record = _read_at_start(task) or records().get(instance_id)
     if record is None:
         raise InstanceNotFound(f"instance {instance_id} has no record")
     if record.status is not Status.BUILD:
@@ -156,6 +149,15 @@ def _fail(instance_id: str, reason: Reason, step: str, error: str, exc: type[Pro
         status = record.status.value if record else "gone"
         raise InstanceNotBuilding(f"instance {instance_id} is {status}: not failed again by {step}")
     raise exc(f"instance {instance_id}: {reason.value}: {error}")
+
+
+def _read_at_start(task: Task | None) -> InstanceRecord | None:
+    """The record that `Step.before_start` read for this run of ``task``, once; None if it did not."""
+    if task is None:
+        return None
+    record = getattr(task.request, "berth_record", None)
+    task.request.berth_record = None
+    return record if isinstance(record, InstanceRecord) else None
 
 
 # Errors that say nothing about the instance's own build (or were recorded already).
@@ -221,9 +223,12 @@ class Step(Task):
         moment would fail the instance. The step itself meets the same broker error and retries.
         """
         instance_id = instance_of(args, kwargs)
+        self.request.berth_record = None
         if isinstance(instance_id, str):
             try:
-                metrics.step_started(records(), instance_id, self.name.rsplit(".", 1)[-1], task_id, ran=True)
+                # The record as the step starts: the step reads it from here (`_building`).
+                self.request.berth_record = metrics.step_started(records(), instance_id,
+                                                                 self.name.rsplit(".", 1)[-1], task_id, ran=True)
             except Exception as exc:  # noqa: BLE001 - bookkeeping never fails a step
                 log.warning("instance %s: start of %s not recorded: %s", instance_id, self.name, exc)
 
@@ -325,15 +330,16 @@ def send_ping(record: InstanceRecord, ping_id: str, *, now: float, countdown: fl
     return channel.ping(record, ping_id, expires=utc_datetime(now + 2 * countdown + 1.0), wait_s=wait_s)
 
 
-def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int) -> str:
-    records().update(instance_id, guest_ready_at=time.time(), guest_version=pong["version"])
+def _guest_ready(instance_id: str, pong: dict[str, Any], attempts: int, **more: Any) -> str:
+    """Record that the guest answered, with where it connects from, in one write."""
     try:
-        address = channel.note_guest_address(instance_id)
+        address = channel.guest_address(instance_id)
     except Exception as exc:  # noqa: BLE001 - shown by `show` later; never fails provisioning
-        address = None
+        address = {}
         log.warning("instance %s: guest address not recorded: %s: %s", instance_id, type(exc).__name__, exc)
+    records().update(instance_id, guest_ready_at=time.time(), guest_version=pong["version"], **address, **more)
     log.info("instance %s: guest answered ping (attempts=%d version=%s address=%s)", instance_id, attempts,
-             pong.get("version"), address)
+             pong.get("version"), address or None)
     return instance_id
 
 
@@ -345,7 +351,7 @@ def ping_countdown(attempt: int, now: float, deadline_at: float) -> float:
 @app.task(base=Step, name="taskmanager.ping_guest", bind=True, max_retries=None)
 def ping_guest(self: Task, instance_id: str) -> str:
     """Ping through guest.ID until it answers or the per-instance deadline passes."""
-    record = _building(instance_id)
+    record = _building(instance_id, self)
     attempt, now = self.request.retries, time.time()
     deadline_at = records().set_each_once(instance_id, ping_started_at=now,
                                           ping_deadline_at=now + record["ping_deadline_s"])["ping_deadline_at"]
@@ -364,8 +370,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
     wait = attempt == 0 and broker().queue_empty(TASKMANAGER_QUEUE)
     pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=wait)
     if pong:
-        records().update(instance_id, ping_attempts=attempt + 1)
-        return _guest_ready(instance_id, pong, 1)
+        return _guest_ready(instance_id, pong, 1, ping_attempts=attempt + 1)
     # RabbitMQ tells whether anything consumes guest.ID (Redis cannot: None): shown while waiting.
     consumers = broker().consumers(instance_id)
     records().update(instance_id, ping_attempts=attempt + 1,
@@ -379,7 +384,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
 @app.task(base=Step, name="taskmanager.send_prepare", bind=True)
 def send_prepare(self: Task, instance_id: str) -> str:
     """Publish guest.prepare: fixed id, acks_late on the guest, expiring at the prepare deadline."""
-    record = _building(instance_id)
+    record = _building(instance_id, self)
     now = time.time()
     deadline_at = records().set_once(instance_id, "prepare_deadline_at", now + record["prepare_deadline_s"])
     passwords = secrets.load(redis_client(), instance_id)
@@ -397,8 +402,7 @@ def send_prepare(self: Task, instance_id: str) -> str:
                   "databases": record["databases"], "config": record["config"]}
         channel.publish(instance_id, "guest.prepare", kwargs=kwargs, key=key,
                        task_id=prepare_task_id(instance_id, record["request_id"]), expires=utc_datetime(deadline_at))
-        records().incr(instance_id, "prepare_sent")
-        records().set_once(instance_id, "prepare_sent_at", now)
+        records().count_and_set_once(instance_id, "prepare_sent", "prepare_sent_at", now)
     checkpoints.reached("send_prepare.done")
     return instance_id
 
@@ -406,7 +410,7 @@ def send_prepare(self: Task, instance_id: str) -> str:
 @app.task(base=Step, name="taskmanager.verify", bind=True, max_retries=None, ignore_result=False)
 def verify(self: Task, instance_id: str) -> dict[str, Any]:
     """ACTIVE once the guest reports prepare done; its error fails the instance at once."""
-    current = records().get(instance_id)
+    current = _read_at_start(self) or records().get(instance_id)
     if current is not None and current.status in SERVING:
         # Made ACTIVE already: by a run of this step before a redelivery, or by the taskmanager's
         # listener the moment the guest answered (tasks/answers.py); and maybe a heartbeat since.

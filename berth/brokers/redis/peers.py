@@ -38,8 +38,13 @@ def tls_port(server: redis.Redis) -> int:
 
 def guest_connections(server: redis.Redis, instance_id: str) -> list[GuestConnection]:
     """The connections of the instance's guest user to ``server``."""
-    user, port = user_name(instance_id), tls_port(server)
-    return [peer(entry, port) for entry in server.client_list() if entry.get("user") == user]
+    user = user_name(instance_id)
+    with server.pipeline(transaction=False) as pipe:  # one round trip
+        pipe.config_get("tls-port")
+        pipe.client_list()
+        config, entries = pipe.execute()
+    port = int(config.get("tls-port") or 0)
+    return [peer(entry, port) for entry in entries if entry.get("user") == user]
 
 
 def release_waits(server: redis.Redis, instance_id: str) -> int:
