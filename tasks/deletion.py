@@ -159,11 +159,13 @@ def remove_instance(self: Task, instance_id: str) -> dict[str, Any]:
     # Flower: what the guest answered shows as it answered; anything else is dropped now.
     outcomes.close(instance_id, outcomes.REVOKED, "dropped by delete")
     removed = broker().remove_instance(instance_id, extra_task_ids=(record["request_id"],))
+    ttl_s = setting("deleted_record_ttl_s")
+    # Before DELETED shows: a late redelivery of either request, sent the moment anyone sees
+    # DELETED, must find its request finished already.
+    records().finish_requests(ttl_s, record["request_id"], record["delete_request_id"])
     records().transition(instance_id, Status.DELETED, [Status.DELETING], "remove_instance",
                          deleted_at=time.time(), keys_removed=removed, dead_letters=dead_letters,
                          guest_user_revoked=1)
-    ttl_s = setting("deleted_record_ttl_s")
-    records().finish_requests(ttl_s, record["request_id"], record["delete_request_id"])
     records().expire(instance_id, ttl_s)
     log.info("instance %s: deleted (%d keys removed, guest shutdown: %s)", instance_id, removed,
              record.get("guest_shutdown"))
