@@ -58,7 +58,7 @@ def _counting(kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _trace(path: str, kind: str, sent: Any) -> None:
-    """One line per round trip: the task, the kind, Redis's command names and the caller's frames."""
+    """One line per round trip: the task, ms since its start, the kind, Redis's command names, the caller's frames."""
     what = ""
     if kind == "redis":
         chunks = sent if isinstance(sent, (list, tuple)) else [sent]
@@ -66,7 +66,7 @@ def _trace(path: str, kind: str, sent: Any) -> None:
         what = " ".join(name.decode() for name in re.findall(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)", packed))
     where = " < ".join(f"{frame.name}:{frame.lineno}" for frame in traceback.extract_stack()[-14:-3])
     with open(path, "a", encoding="utf-8") as out:
-        out.write(f"{_state.task} {kind} {what} @ {where}\n")
+        out.write(f"{_state.task} {1000 * (time.perf_counter() - _state.started):.2f} {kind} {what} @ {where}\n")
 
 
 def install() -> None:

@@ -13,6 +13,7 @@ would wait for a guest retries with a countdown at once and lets the next messag
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,12 +89,28 @@ def peek(client: redis.Redis, task_id: str) -> GuestAnswer | None:
     return parse(raw)
 
 
+# Per connection pool of a client: a client on the same server with a pool of its own, for
+# subscribing. A PubSub closes its connection when done; taken from the client's own pool, that
+# connection would have to be opened again (and authenticated) by the client's next command.
+_subscribers: weakref.WeakKeyDictionary[Any, redis.Redis] = weakref.WeakKeyDictionary()
+
+
+def _subscriber(client: redis.Redis) -> redis.Redis:
+    pool = client.connection_pool
+    subscriber = _subscribers.get(pool)
+    if subscriber is None:
+        subscriber = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                            **pool.connection_kwargs))
+        _subscribers[pool] = subscriber
+    return subscriber
+
+
 def wait_for_result(client: redis.Redis, task_id: str, timeout_s: float) -> GuestAnswer | None:
     """The final answer for task_id, waiting at most timeout_s for it to be published."""
     if timeout_s <= 0:
         return peek(client, task_id)
     key = result_key(task_id)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = _subscriber(client).pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(key)
         answer = peek(client, task_id)
