@@ -53,13 +53,20 @@ def publish(instance_id: str, task_name: str, *, kwargs: dict[str, Any], task_id
         raise QueueMissing(f"queue {guest_queue(instance_id)} does not exist: create_queue first")
     if not task_id.startswith(guest_task_prefix(instance_id)):
         raise ValueError(f"task id {task_id!r} does not start with {guest_task_prefix(instance_id)!r}")
-    with signing_for(instance_id, key):
-        sent = app.send_task(
-            task_name, kwargs=kwargs, task_id=task_id, queue=queue_for(instance_id, no_declare=True),
-            # The queue exists (checked above); declaring again would re-create a deleted one.
-            declare=[], expires=expires, kwargsrepr=kwargsrepr, delivery_mode=2)
-    _unsubscribe(task_id)
+    # On the ledger before it is sent: a guest may answer before the publish returns, and the
+    # listener tells only what the ledger holds (an answer read and removed by its caller would
+    # otherwise show EXPIRED).
     outcomes.expect(task_id, task_name, expires.timestamp())
+    try:
+        with signing_for(instance_id, key):
+            sent = app.send_task(
+                task_name, kwargs=kwargs, task_id=task_id, queue=queue_for(instance_id, no_declare=True),
+                # The queue exists (checked above); declaring again would re-create a deleted one.
+                declare=[], expires=expires, kwargsrepr=kwargsrepr, delivery_mode=2)
+    except BaseException:
+        outcomes.unexpect(task_id)  # never sent: nothing to tell
+        raise
+    _unsubscribe(task_id)
     return sent
 
 

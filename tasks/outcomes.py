@@ -117,6 +117,17 @@ def expect(task_id: str, name: str, expires_at: float) -> None:
         log.warning("outcome of %s will not be shown (ledger unreachable: %s)", task_id, one_line(exc, 200))
 
 
+def unexpect(task_id: str) -> None:
+    """Take a message off the ledger that was never sent after all (its publish failed)."""
+    try:
+        with redis_client().pipeline() as pipe:
+            pipe.zrem(LEDGER_KEY, task_id)
+            pipe.hdel(META_KEY, task_id)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - the sweeper tells it EXPIRED at its expiry then
+        log.warning("%s stays on the outcome ledger (%s)", task_id, one_line(exc, 200))
+
+
 def settle(task_id: str, outcome: Outcome) -> bool:
     """Tell Flower a message's outcome, if this caller is the first to take it off the ledger.
 

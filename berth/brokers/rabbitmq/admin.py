@@ -6,14 +6,19 @@ for a cluster: each is tried in turn), else ``http://HOST:15672`` for each host 
 The credentials are the broker URL's own. A refusal (401, 403, a missing API) raises
 `berth.errors.BrokerRefused` naming the call and what the broker said; an API that cannot be
 reached raises ``OSError`` (a connection error, retried like any other).
+
+Calls reuse one kept-alive HTTP connection per address, thread and process (a new TCP connection
+per call cost a handshake each, several per provisioning); every call is idempotent (GET, PUT,
+DELETE), so one that meets a connection the server closed meanwhile is sent again on a new one.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
-import urllib.error
-import urllib.request
+import os
+import threading
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -53,34 +58,70 @@ class ManagementAPI:
         self._password = unquote(first.password or "guest")
         self.vhost = vhost_of(split_urls(broker_url)[0])
         self.bases = api_urls(broker_url, configured)
+        self._local = threading.local()
 
     def _vh(self) -> str:
         return quote(self.vhost, safe="")
+
+    def _connection(self, base: str, fresh: bool) -> http.client.HTTPConnection:
+        """This thread's kept-alive connection to ``base`` (a new one after a fork, or if ``fresh``)."""
+        pid = os.getpid()
+        if getattr(self._local, "pid", None) != pid:
+            self._local.pid, self._local.connections = pid, {}  # a parent's connections are not ours
+        connections: dict[str, http.client.HTTPConnection] = self._local.connections
+        conn = connections.get(base)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            parts = urlsplit(base)
+            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = kind(parts.hostname or "127.0.0.1", parts.port, timeout=TIMEOUT_S)
+            connections[base] = conn
+        return conn
+
+    def _request(self, base: str, method: str, path: str, data: bytes | None,
+                 headers: dict[str, str]) -> tuple[int, bytes]:
+        """(status, body) of one request on the kept-alive connection; once more on a new one if the
+        server had closed it (the calls are idempotent)."""
+        prefix = urlsplit(base).path.rstrip("/")
+        for fresh in (False, True):
+            conn = self._connection(base, fresh)
+            try:
+                conn.request(method, prefix + path, body=data, headers=headers)
+                response = conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, http.client.CannotSendRequest, http.client.BadStatusLine,
+                    BrokenPipeError, ConnectionResetError) as exc:
+                conn.close()
+                if fresh:
+                    raise OSError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
         """One API call, on the first address that answers; the decoded JSON (None for 204/404)."""
         token = base64.b64encode(f"{self.user}:{self._password}".encode()).decode()
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Basic {token}", "content-type": "application/json"}
         last: OSError | None = None
         for base in self.bases:
-            req = urllib.request.Request(base + path, data=data, method=method,
-                                         headers={"Authorization": f"Basic {token}",
-                                                  "content-type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
-                    raw = response.read()
+                status, raw = self._request(base, method, path, data, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                last = exc if isinstance(exc, OSError) else OSError(f"{type(exc).__name__}: {exc}")
+                continue
+            if status < 300:
                 return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as exc:
-                if exc.code == 404 and missing_ok:
-                    return None
-                if exc.code >= 500:
-                    last = exc  # a node going down: try the next one
-                    continue
-                reason = exc.read()[:300].decode("utf-8", "replace")
-                raise BrokerRefused(f"RabbitMQ management API refused {method} {path} "
-                                    f"as user {self.user!r}: HTTP {exc.code} {reason}") from exc
-            except (urllib.error.URLError, OSError) as exc:
-                last = exc if isinstance(exc, OSError) else OSError(str(exc))
+            if status == 404 and missing_ok:
+                return None
+            if status >= 500:
+                last = OSError(f"HTTP {status} from {base}")  # a node going down: try the next one
+                continue
+            reason = raw[:300].decode("utf-8", "replace")
+            raise BrokerRefused(f"RabbitMQ management API refused {method} {path} "
+                                f"as user {self.user!r}: HTTP {status} {reason}")
         raise ManagementUnreachable(f"RabbitMQ management API unreachable at {', '.join(self.bases)}: {last}")
 
     # --- Users -------------------------------------------------------------------------------------
