@@ -62,6 +62,11 @@ class Broker(ABC):
     def queue_empty(self, queue: str) -> bool:
         """True when no message waits in ``queue`` (a control-plane queue such as ``taskmanager``)."""
 
+    def nothing_ready(self, queue: str) -> bool:
+        """True when no message of ``queue`` waits for a worker: what a step asks before it waits for a
+        guest in its slot (messages a worker holds already, a retry counting down, do not count)."""
+        return self.queue_empty(queue)
+
     @abstractmethod
     def remove_instance(self, instance_id: str, extra_task_ids: tuple[str, ...] = ()) -> int:
         """Remove everything of the instance on the broker and the result backend but its record:

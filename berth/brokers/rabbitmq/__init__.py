@@ -92,6 +92,11 @@ class RabbitBroker(Broker):
         stats = self.admin.queue(queue) or {}
         return not int(stats.get("messages_unacknowledged") or 0)
 
+    def nothing_ready(self, queue: str) -> bool:
+        """No message ready (AMQP, exact; one round trip, no management API call)."""
+        found = self.topology.inspect(queue)
+        return found is None or not found[0]
+
     def remove_instance(self, instance_id: str, extra_task_ids: tuple[str, ...] = ()) -> int:
         removed = int(self.topology.remove(instance_id))
         return removed + remove_instance_keys(self.raw_store, self.raw_store, instance_id, extra_task_ids)
