@@ -132,6 +132,23 @@ def step_table(title: str, per_task: dict[str, Any]) -> list[str]:
     return lines
 
 
+def floor_lines(title: str, lat: dict[str, Any]) -> list[str]:
+    """The latency floor of the chain, and what this run's steps add to it."""
+    per_task = lat.get("per_task", {})
+    bare = per_task.get("tasks", {}).get("celery.accumulate")
+    whole = per_task.get("provisioning")
+    if not bare or not whole:
+        return []
+    added = whole["slot_ms"] - whole["runs"] * bare["slot_ms"]
+    return [f"- **The floor, {title}**: six hops (four tasks, two guest round trips), each at least one bare round"
+            f" trip: 6 x, the target itself. This run: {lat['ratio_p50']:.1f} x. Its steps held a worker slot"
+            f" {whole['slot_ms']:.1f} ms per provisioning, {added:.1f} ms more than {whole['runs']:.0f} bare tasks"
+            f" ({bare['slot_ms']:.2f} ms each): the round trips of the table below, {whole['redis']:.0f} to Redis"
+            + (f", {whole['amqp']:.0f} AMQP and {whole['http']:.0f} management API calls" if whole["amqp"] else "")
+            + f" against {bare['redis'] + bare['amqp']:.0f} for a bare task; that difference is what stands"
+            " between this run and the floor."]
+
+
 def latency_lines(title: str, lat: dict[str, Any]) -> list[str]:
     hops = lat["steps_p50_ms"]
     lines = [
@@ -140,6 +157,7 @@ def latency_lines(title: str, lat: dict[str, Any]) -> list[str]:
         + f"; the bare round trip is {lat['bare_round_trip']['p50_ms']:.2f} ms. The chain is four tasks"
         " (create_queue, ping_guest, send_prepare, verify) and two guest round trips"
         " (ping, prepare); each hop costs about one bare round trip, whatever the step does.",
+        *floor_lines(title, lat),
         *step_table(title, lat.get("per_task", {})),
     ]
     store = lat.get("broker_round_trip", {})
@@ -175,6 +193,15 @@ def wave_lines(title: str, conc: dict[str, Any]) -> list[str]:
             + f". The two cores are shared with the broker, the fleet process that plays {conc['wave']['instances']}"
             " guests, and the benchmark's own probe and event reader; the bare task rate is measured without the"
             " fleet.")
+    cpu = conc["wave"].get("taskmanager_cpu_ms_per_provisioning")
+    per_task = conc["bare"].get("taskmanager_cpu_ms_per_task")
+    if cpu and per_task:
+        lines.append(
+            f"- **Taskmanager CPU, {title}**: {cpu:.1f} ms per provisioning, {cpu / per_task:.1f} x a bare task's"
+            f" {per_task:.2f} ms. Its floor is above 4 x: four tasks, each at least a bare task's CPU, plus"
+            " the sends that a bare task's client makes outside the taskmanager (three next steps and two"
+            " guest messages, each with its `task-sent` event); the rest is the steps' round trips, counted"
+            " above.")
     redis_busy = conc.get("wave_redis_time", {})
     if redis_busy:
         what = "Redis store, beside RabbitMQ" if conc.get("broker", "redis") != "redis" else "Broker, Redis"
