@@ -337,8 +337,7 @@ class Records:
         self.client.expire(record_key(instance_id), max(1, int(ttl_s)))
 
     def update(self, instance_id: str, **fields: Any) -> None:
-        encoded: dict[Any, Any] = {k: _encode(k, v) for k, v in fields.items()}
-        self.client.hset(record_key(instance_id), mapping={**encoded, "updated_at": str(time.time())})
+        self.update_counting(instance_id, None, **fields)
 
     def update_counting(self, instance_id: str, counter: str | None, **fields: Any) -> None:
         """`update`, and one more in the field ``counter`` (if named), in one round trip."""
@@ -421,9 +420,6 @@ class Records:
     def step_ran(self, instance_id: str, now: float | None = None) -> None:
         """A step of the instance's chain (provisioning or delete) ran just now."""
         self.client.zadd(INFLIGHT_KEY, {instance_id: time.time() if now is None else now})
-
-    def incr(self, instance_id: str, name: str) -> int:
-        return int(self.client.hincrby(record_key(instance_id), name, 1))
 
     def transition(self, instance_id: str, to: Status, allowed_from: Iterable[Status],
                    step: str, **fields: Any) -> bool:

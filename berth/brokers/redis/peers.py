@@ -33,7 +33,12 @@ def peer(entry: Mapping[str, Any], tls_port: int) -> GuestConnection:
 
 def tls_port(server: redis.Redis) -> int:
     """The server's TLS port; 0 when it serves none (or was built without TLS)."""
-    return int(server.config_get("tls-port").get("tls-port") or 0)
+    return _tls_port_of(server.config_get("tls-port"))
+
+
+def _tls_port_of(config: Mapping[Any, Any]) -> int:
+    """The TLS port in a ``CONFIG GET tls-port`` answer."""
+    return int(config.get("tls-port") or 0)
 
 
 def guest_connections(server: redis.Redis, instance_id: str) -> list[GuestConnection]:
@@ -43,7 +48,7 @@ def guest_connections(server: redis.Redis, instance_id: str) -> list[GuestConnec
         pipe.config_get("tls-port")
         pipe.client_list()
         config, entries = pipe.execute()
-    port = int(config.get("tls-port") or 0)
+    port = _tls_port_of(config)
     return [peer(entry, port) for entry in entries if entry.get("user") == user]
 
 
