@@ -1,7 +1,7 @@
 """Guest footprint: a guest agent's resident memory and time from process start to first pong,
 against a bare ``celery worker --pool solo`` (bench/bareapp.py) on the same broker.
 
-    .venv/bin/python -m bench.footprint [--runs 5]
+    .venv/bin/python -m bench.footprint [--runs 5] [--broker redis|rabbitmq]
 
 Both are started with the guest's own flags (guest/launch.py: solo pool, no gossip, mingle or
 heartbeat), one at a time, alternating; from the moment the process is started, a ping is sent every 50 ms (each
@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import BenchStack, rss_kib
+from bench.common import BENCH_BROKERS, BenchStack, rss_kib
 
 
 def worker_flags(hostname: str) -> list[str]:
@@ -95,8 +95,8 @@ def run_bare(stack: BenchStack, n: int) -> tuple[float, int]:
         stack.procs.remove(proc)
 
 
-def run(runs: int = 5) -> dict[str, Any]:
-    stack = BenchStack()
+def run(runs: int = 5, broker: str = "redis") -> dict[str, Any]:
+    stack = BenchStack(broker)
     try:
         guest: list[tuple[float, int]] = []
         bare: list[tuple[float, int]] = []
@@ -112,7 +112,7 @@ def run(runs: int = 5) -> dict[str, Any]:
         result: dict[str, Any] = {
             "bare_worker": {"start_to_pong_ms": med(bare, 0) * 1000, "rss_mib": med(bare, 1) / 1024},
             "guest_agent": {"start_to_pong_ms": med(guest, 0) * 1000, "rss_mib": med(guest, 1) / 1024},
-            "runs": runs}
+            "runs": runs, "broker": stack.kind}
         result["ratio_time"] = med(guest, 0) / med(bare, 0)
         result["ratio_rss"] = med(guest, 1) / med(bare, 1)
         result["target"] = {"what": "guest time to first pong and RSS each <= 1.1 x a bare solo worker",
@@ -125,8 +125,9 @@ def run(runs: int = 5) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.footprint")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--broker", choices=BENCH_BROKERS, default="redis")
     args = parser.parse_args()
-    print(json.dumps(run(args.runs), indent=2))
+    print(json.dumps(run(args.runs, args.broker), indent=2))
     return 0
 
 

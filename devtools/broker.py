@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from berth.certs import Certificates, ensure_certificates
 from berth.paths import berth_home, broker_dir, broker_url_file, create_once, replace_file, result_url_file
 from berth.redis_server import (
     MAX_VALUE,
@@ -27,7 +28,7 @@ from berth.redis_server import (
     redis_server_binary,
     tls_redis_server_binary,
 )
-from berth.tls import Certificates, ensure_certificates, redis_ssl
+from berth.tls import redis_ssl
 
 
 class BrokerError(RuntimeError):

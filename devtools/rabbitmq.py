@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from berth.certs import Certificates
 from berth.errors import BootError
 from berth.paths import berth_home, broker_url_file, create_once, rabbitmq_api_file, replace_file
 from berth.redis_server import free_port
-from berth.tls import Certificates
 from devtools.broker import guest_facing, private_dir
 
 SERVER = Path(os.environ.get("BERTH_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server"

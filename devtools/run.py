@@ -24,11 +24,11 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
+from berth.certs import Certificates
 from berth.errors import BootError
 from berth.netns import Network, require_privileges
 from berth.paths import PROJECT_DIR, berth_home, broker_dir, broker_url_file, rabbitmq_api_file, result_url_file
 from berth.redis_server import free_port, redis_cli_command
-from berth.tls import Certificates
 from devtools.broker import admin_url, guest_facing, private_dir, wait_until_ready
 from devtools.rabbitmq import RabbitNode, rabbitmq_dir
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import redis
 
-from berth.tls import ensure_certificates, redis_ssl
+from berth.certs import ensure_certificates
+from berth.tls import redis_ssl
 from devtools.broker import EmbeddedRedis
 from devtools.rabbitmq import RabbitCluster, RabbitNode
 

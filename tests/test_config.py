@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 import celeryconfig
+from berth.certs import ensure_certificates
 from berth.config import check_settings
 from berth.paths import PROJECT_DIR
-from berth.tls import ensure_certificates, load_ca
+from berth.tls import load_ca
 from tests.helpers import celery, project_env
 
 

@@ -97,3 +97,28 @@ def test_set_once_keeps_the_first_value_whatever_runs_again(records: Records) ->
     assert records.create(validated("u-3", datastore="noop"), request_id="req")
     assert records.set_once("u-3", "ping_deadline_at", 100.0) == 100.0
     assert records.set_once("u-3", "ping_deadline_at", 200.0) == 100.0
+
+
+# --- what a guest agent loads ------------------------------------------------------------------
+
+def test_a_guest_agent_loads_no_certificate_or_encryption_code_until_it_needs_it() -> None:
+    """`cryptography`'s x509 and Fernet cost a process 6-8 MiB each: the guest agent (its app, its
+    tasks and its consumer, as its worker loads them) only verifies the broker, so neither loads."""
+    import json
+    import subprocess
+    import sys
+
+    from berth.paths import PROJECT_DIR
+    from tests.helpers import project_env
+
+    code = ("import json, sys\n"
+            "from guest import app\n"
+            "app.loader.import_default_modules()\n"
+            "import guest.consumer, guest.launch\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cryptography.'))))\n")
+    env = project_env(CELERY_BROKER_URL="redis://127.0.0.1:1/0", CELERY_RESULT_BACKEND="redis://127.0.0.1:1/0")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    heavy = [m for m in loaded if m.startswith(("cryptography.x509", "cryptography.fernet", "cryptography.hazmat"))]
+    assert not heavy, f"the guest agent imports {heavy}"
