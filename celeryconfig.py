@@ -13,7 +13,7 @@ import os
 from amqp.exceptions import MessageNacked
 
 from berth.guestapi import OPERATIONS
-from berth.ids import ROUTED_STEPS, step_task_name
+from berth.ids import ROUTED_STEPS, STEPS_QUEUE, step_task_name
 from berth.netns import DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_UID_BASE
 from berth.paths import broker_url_file, rabbitmq_api_file, result_url_file
 from berth.tls import amqp_ssl, load_ca, redis_ssl, scheme
@@ -132,14 +132,21 @@ task_default_queue = "taskmanager"
 # The guest API's tasks (workflows.list_users, ...) wait for a guest's answer: they run on their
 # own queue and worker (Procfile: guestapi), never in the slots the provisioning steps need.
 GUEST_API_QUEUE = "guestapi"
-# The chains' steps go to the taskmanager queue at a lower priority than anything else sent there
-# (with Redis, 0 is the highest): a request, a delete or any other task sent during a wave of
-# provisionings is taken before the wave's backlog, not behind it. A step called by hand
-# (`celery call taskmanager.<step>`) is routed here too.
+# A request, a delete, or any other task sent during a wave of provisionings is taken before the
+# wave's backlog of chain steps, not behind it. A step called by hand (`celery call
+# taskmanager.<step>`) is routed like the chains' own.
+# - Redis: the steps go to the taskmanager queue at a lower priority than anything else sent
+#   there (0 is the highest; kombu reads the priority lists in order).
+# - RabbitMQ: quorum queues have no priorities, and a classic queue has them only with an
+#   x-max-priority fixed when it is first declared. The steps go to a queue of their own,
+#   taskmanager.steps, which every worker that consumes taskmanager consumes too
+#   (tasks/signals.py); RabbitMQ delivers from the two in turn.
 STEP_PRIORITY = 6
+berth_steps_queue = STEPS_QUEUE if _ON_RABBITMQ else task_default_queue
+_STEP_ROUTE = {"queue": berth_steps_queue} if _ON_RABBITMQ else {"queue": task_default_queue, "priority": STEP_PRIORITY}
 task_routes = {
     **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in OPERATIONS},
-    **{step_task_name(step): {"queue": task_default_queue, "priority": STEP_PRIORITY} for step in ROUTED_STEPS},
+    **{step_task_name(step): dict(_STEP_ROUTE) for step in ROUTED_STEPS},
 }
 task_acks_late = True
 task_reject_on_worker_lost = True

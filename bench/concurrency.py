@@ -22,11 +22,10 @@ priorities).
 
 On RabbitMQ (``--broker rabbitmq``: a private node, records and results in a Redis beside it)
 the same three measures run through the node; the fleet consumes every guest queue over AMQP
-and stores its answers in that Redis. The taskmanager queue's depth is its count of ready
-messages (a passive declare per poll); "broker time" is then the Redis store's, and there is no
-priority list: unless the taskmanager queue has an ``x-max-priority`` (it is read from the
-management API and reported), RabbitMQ ignores a message's priority and serves the queue first
-in, first out.
+and stores its answers in that Redis. The depth of the taskmanager's queues is their count of
+ready messages (a passive declare each per poll); "broker time" is then the Redis store's. There
+are no priority lists: the chains' steps have a queue of their own (``taskmanager.steps``), and
+the probe goes to ``taskmanager`` (both read from the management API and reported).
 """
 
 from __future__ import annotations
@@ -263,15 +262,14 @@ def queue_list_names() -> list[str]:
 
 
 def amqp_depth() -> Any:
-    """RabbitMQ: a reader of the taskmanager queue's ready messages (a passive declare)."""
+    """RabbitMQ: a reader of the ready messages of each taskmanager queue (a passive declare each)."""
     from berth.brokers.rabbitmq.queues import Topology
-    from tasks import app
+    from tasks.runtime import app, taskmanager_queues
 
     topology = Topology(app.conf.broker_url, app.conf.berth_queue_type)
 
-    def ready() -> int:
-        found = topology.inspect(TASK_QUEUE)
-        return found[0] if found else 0
+    def ready() -> dict[str, int]:
+        return {queue: (found[0] if (found := topology.inspect(queue)) else 0) for queue in taskmanager_queues()}
 
     return ready
 
@@ -307,7 +305,8 @@ class Wave:
         pending = [i for i in self.ids if self.status.get(i) not in FINAL_STATUSES]
         lists = queue_list_names() if self.depth is None else []
         if self.depth is not None:
-            self.depth_max[f"{TASK_QUEUE} (ready)"] = max(self.depth_max[f"{TASK_QUEUE} (ready)"], self.depth())
+            for queue, ready in self.depth().items():
+                self.depth_max[f"{queue} (ready)"] = max(self.depth_max[f"{queue} (ready)"], ready)
         with self.client.pipeline(transaction=False) as pipe:
             for name in lists:
                 pipe.llen(name)
@@ -412,22 +411,21 @@ def targets(bare: dict[str, Any], wave: dict[str, Any], probe: dict[str, Any]) -
 
 
 def rabbitmq_priority_facts() -> dict[str, Any]:
-    """RabbitMQ: whether the taskmanager queue honours priorities at all (its x-max-priority)."""
+    """RabbitMQ: where the chains' steps go, and whether a probe shares their queue."""
     from berth.brokers.rabbitmq.admin import ManagementAPI
     from tasks import app
 
-    queue = ManagementAPI(app.conf.broker_url, app.conf.berth_rabbitmq_api).queue(TASK_QUEUE) or {}
-    arguments = dict(queue.get("arguments") or {})
-    top = arguments.get("x-max-priority")
-    if top is None:
-        note = ("The taskmanager queue has no x-max-priority: RabbitMQ ignores a message's priority and serves "
-                "the queue first in, first out, so a probe (or a new request) waits behind the whole backlog of "
-                "chain steps.")
+    api = ManagementAPI(app.conf.broker_url, app.conf.berth_rabbitmq_api)
+    steps = app.conf.berth_steps_queue
+    queues = {name: dict((api.queue(name) or {}).get("arguments") or {}) for name in dict.fromkeys((steps, TASK_QUEUE))}
+    if steps == TASK_QUEUE:
+        note = ("The chains' steps share the taskmanager queue, which has no priorities on RabbitMQ: a probe (or a "
+                "new request) waits behind the whole backlog of chain steps.")
     else:
-        note = (f"The taskmanager queue honours priorities 0-{top}; on RabbitMQ a higher number goes first "
-                "(kombu's Redis transport reads 0 first).")
-    return {"task_default_priority": app.conf.task_default_priority, "queue_arguments": arguments,
-            "queue_max_priority": top, "note": note}
+        note = (f"The chains' steps go to {steps}, the probe (and every request) to {TASK_QUEUE}; the taskmanager "
+                "consumes both, with a prefetch per queue, so a probe waits for a free process, not behind the "
+                "backlog.")
+    return {"steps_queue": steps, "queue_arguments": queues, "note": note}
 
 
 def measure(stack: Any, instances: int, probe_priority: int | None, events: bool) -> dict[str, Any]:

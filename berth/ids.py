@@ -185,6 +185,9 @@ RESUME_TASK = "workflows.resume"
 REQUEST_TASKS = frozenset({"workflows.provision", "workflows.delete", RESUME_TASK})
 # The control plane's own queue (celeryconfig's task_default_queue).
 TASKMANAGER_QUEUE = "taskmanager"
+# On RabbitMQ, the chains' steps have a queue of their own, consumed by every worker that consumes
+# TASKMANAGER_QUEUE (celeryconfig.berth_steps_queue says why; on Redis it is TASKMANAGER_QUEUE).
+STEPS_QUEUE = "taskmanager.steps"
 # Guests whose heartbeats are watched, scored by when each was last heard from (tasks/heartbeats.py).
 HEARTBEAT_INDEX_KEY = "berth:heartbeat-index"
 # The fingerprint of the control plane's master key (berth/keys.py): another key is refused.

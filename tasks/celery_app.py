@@ -6,12 +6,14 @@ import logging
 
 from celery import Celery
 
-from berth.brokers.rabbitmq.celerysteps import without_native_delayed_delivery
+from berth.brokers.rabbitmq.celerysteps import prefetch_per_consumer, without_native_delayed_delivery
 from tasks.results import install as trust_results_by_channel
 
 # MaskingAMQP: a password is never displayed (events, Flower, logs) by any process that publishes.
 app = Celery("tasks", amqp="tasks.masking:MaskingAMQP")
 without_native_delayed_delivery()
+# Requests and probes are not held behind a wave's steps by a prefetch both queues share.
+prefetch_per_consumer()
 # A result published on a guest's answer channel is believed only for the task it names (tasks/results.py).
 trust_results_by_channel()
 app.config_from_object("celeryconfig")

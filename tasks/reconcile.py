@@ -5,7 +5,7 @@ unacked hash; a broker killed between the two loses that message. The drills hit
 taskmanager does not rely on messages alone: every step notes when it ran
 (`berth.metrics.step_started`, before each run), and each node, every third of its lease, looks
 for instances in BUILD or DELETING whose chain has not run a step for ``berth_stall_after_s``
-while the taskmanager queue is empty (a busy queue may still hold the step), and whose next
+while the taskmanager queues are empty (a busy queue may still hold the step), and whose next
 message no taskmanager holds either (a retry waiting for its countdown, or a message prefetched
 behind a long backlog, sits in the node's unacked hash). It then resumes the chain at the step
 the record says comes next, with the chain's own task ids. Every step is safe to run twice, so
@@ -21,9 +21,10 @@ from typing import Any, cast
 import redis
 
 from berth.brokers import Broker
-from berth.ids import INFLIGHT_KEY, NODES_KEY, RESUME_TASK, TASKMANAGER_QUEUE
+from berth.ids import INFLIGHT_KEY, NODES_KEY, RESUME_TASK
 from berth.records import InstanceRecord, Records, Status, text
 from tasks.celery_app import app
+from tasks.runtime import taskmanager_queues
 
 log = logging.getLogger("berth.reconcile")
 # Claim an instance for resuming only if nobody touched it since we looked (one node wins).
@@ -52,7 +53,8 @@ def next_step(record: InstanceRecord) -> str | None:
     return None
 
 
-def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
+def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: float | None = None,
+              queues: tuple[str, ...] | None = None) -> list[str]:
     """Resume every stalled chain; return the ids of the instances resumed.
 
     ``client``: the Redis of the instance records; ``broker``: where the steps' messages are.
@@ -63,7 +65,7 @@ def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: fl
     now = time.time() if now is None else now
     stalled = cast(list[tuple[Any, float]],
                    client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
-    if not stalled or not broker.queue_empty(TASKMANAGER_QUEUE):
+    if not stalled or not all(broker.queue_empty(queue) for queue in queues or taskmanager_queues()):
         return []
     records = Records(client)
     claim = client.register_script(_CLAIM)

@@ -16,6 +16,18 @@ from berth.tls import redis_from_url, uses_tls
 from tasks.celery_app import app
 
 
+def taskmanager_queues() -> tuple[str, ...]:
+    """The queues a taskmanager consumes, the chains' steps first: on Redis one queue, the steps
+    at a lower priority; on RabbitMQ the steps' own queue and the taskmanager queue."""
+    return tuple(dict.fromkeys((app.conf.berth_steps_queue, app.conf.task_default_queue)))
+
+
+def nothing_waiting() -> bool:
+    """No message ready in any taskmanager queue: what a step asks before it waits in its slot
+    (one round trip when the steps' queue has a backlog, as in a wave)."""
+    return all(broker().nothing_ready(queue) for queue in taskmanager_queues())
+
+
 def store() -> str:
     """The URL of the Redis that holds instance records, heartbeats and dead letters."""
     return store_url(app.conf.broker_url, app.conf.result_backend)

@@ -5,15 +5,35 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from berth import roundtrips
 from berth.config import ensure_safe
 from berth.errors import UnsafeSettings
 from tasks.drivers import LocalDriver
-from tasks.runtime import broker, redis_client
+from tasks.runtime import broker, redis_client, taskmanager_queues
 
 log = logging.getLogger(__name__)
+
+
+@celeryd_after_setup.connect
+def consume_the_steps_queue(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """A worker that consumes the taskmanager queue consumes the chains' steps too: on RabbitMQ
+    they have a queue of their own (celeryconfig.berth_steps_queue), declared like any queue
+    Celery creates (quorum on a cluster)."""
+    queues = instance.app.amqp.queues
+    if instance.app.conf.task_default_queue in queues.consume_from:
+        for name in taskmanager_queues():
+            if name not in queues.consume_from:
+                queues.select_add(queues[name])
 
 
 @worker_init.connect

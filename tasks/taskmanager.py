@@ -49,7 +49,6 @@ from berth.guestapi import check_connection, check_count
 from berth.ids import (
     PROVISION_STEPS,
     RETIRED_STEPS,
-    TASKMANAGER_QUEUE,
     guest_queue,
     ping_task_id,
     prepare_task_id,
@@ -62,7 +61,7 @@ from berth.spec import ProvisionRequest, validate_request
 from berth.timing import next_countdown
 from tasks.celery_app import app
 from tasks.drivers import DRIVERS
-from tasks.runtime import broker, limits, raw_result_client, records, redis_client, setting
+from tasks.runtime import broker, limits, nothing_waiting, raw_result_client, records, redis_client, setting
 
 log = logging.getLogger("berth.taskmanager")
 
@@ -367,7 +366,7 @@ def ping_guest(self: Task, instance_id: str) -> str:
               f"no answer to {attempt} ping(s) within {record['ping_deadline_s']:g} s", GuestUnreachable)
     countdown = ping_countdown(attempt, now, deadline_at)
     # The first ping waits a moment for a live guest's pong, unless other work waits for the slot.
-    wait = attempt == 0 and broker().nothing_ready(TASKMANAGER_QUEUE)
+    wait = attempt == 0 and nothing_waiting()
     pong = send_ping(record, ping_id(attempt), now=now, countdown=countdown, wait=wait)
     if pong:
         return _guest_ready(instance_id, pong, 1, ping_attempts=attempt + 1)
@@ -423,7 +422,7 @@ def verify(self: Task, instance_id: str) -> dict[str, Any]:
     deadline_at = float(record["prepare_deadline_at"])
     # A moment's wait for the answer on the first look, unless other work waits for the slot (the
     # taskmanager's listener, tasks/answers.py, sees the answer the moment it comes anyway).
-    wait_s = setting("verify_reply_wait_s") if attempt == 0 and broker().nothing_ready(TASKMANAGER_QUEUE) else 0.0
+    wait_s = setting("verify_reply_wait_s") if attempt == 0 and nothing_waiting() else 0.0
     answer = waiting.wait_for_result(raw_result_client(), prepare_task_id(instance_id, record["request_id"]),
                                      min(wait_s, max(0.0, deadline_at - now)))
     if answer is not None and answer.ok:

@@ -24,7 +24,7 @@ from kombu.entity import Queue
 
 from berth.brokers import RabbitBroker
 from berth.brokers.rabbitmq.admin import ManagementAPI
-from berth.ids import guest_queue
+from berth.ids import INFLIGHT_KEY, STEPS_QUEUE, guest_queue, record_key
 from berth.keys import SIGNATURE_HEADER, GuestKey
 from berth.paths import PROJECT_DIR
 from berth.records import Reason, Records, Status
@@ -32,7 +32,7 @@ from devtools.rabbitmq import free_ports
 from guest import deadletters
 from tasks.celery_app import app
 from tasks.runtime import broker, raw_redis_client, redis_client
-from tests.helpers import Proc, guest_identity, project_env, send_to_guest, wait_until, workflows_cli
+from tests.helpers import Proc, guest_identity, project_env, send_to_guest, unique_id, wait_until, workflows_cli
 from tests.stack import Stack
 from workflows import provision_chain
 
@@ -99,6 +99,8 @@ def test_a_guests_rabbitmq_user_consumes_its_own_queue_and_nothing_else(new_id: 
         "purge B's queue": lambda ch: ch.queue_purge(guest_queue(b)),
         "read the taskmanager's queue": lambda ch: ch.basic_get("taskmanager"),
         "read the guest API's queue": lambda ch: ch.basic_get("guestapi"),
+        "read the chains' steps": lambda ch: ch.basic_get(STEPS_QUEUE),
+        "publish a step (default exchange)": lambda ch: ch.basic_publish(message, "", STEPS_QUEUE),
         "publish to B by name (default exchange)": lambda ch: ch.basic_publish(message, "", guest_queue(b)),
         "publish to the taskmanager (default exchange)": lambda ch: ch.basic_publish(message, "", "taskmanager"),
         "publish to its own queue": lambda ch: ch.basic_publish(message, "", guest_queue(a)),
@@ -254,6 +256,7 @@ def test_guest_queues_are_quorum_queues_when_the_settings_say_so(tmp_path: Path)
         api = ManagementAPI(stack.broker.url, stack.env["BERTH_RABBITMQ_API"])
         assert (api.queue("guest.quorum-1") or {}).get("type") == "quorum"
         assert (api.queue("taskmanager") or {}).get("type") == "quorum"
+        assert (api.queue(STEPS_QUEUE) or {}).get("type") == "quorum", "the chains' steps survive a node too"
         pong = stack.cli("ping", "quorum-1", "--timeout", "20")
         assert pong.returncode == 0, pong.stdout + pong.stderr
         deleted = stack.cli("delete", "quorum-1", "--wait")
@@ -328,3 +331,35 @@ def test_forged_tampered_retargeted_and_replayed_messages_published_over_amqp_ar
         assert not results.exists(f"celery-task-meta-{task_id}"), f"{task_id} ran"
     assert results.exists(f"celery-task-meta-{genuine_id}"), "the genuine message ran, once"
     assert guest.log().count(f"Task guest.ping[{genuine_id}] received") == 1
+
+
+def test_the_reconciler_leaves_a_chain_alone_while_its_step_waits_in_the_steps_queue(tmp_path: Path) -> None:
+    """The chains' steps have a queue of their own on RabbitMQ: a step waiting there is slow, not
+    lost, and resuming its chain would run it twice. Read on a private node nobody consumes."""
+    from tasks.reconcile import reconcile
+
+    private = Stack(tmp_path, broker="rabbitmq")
+    try:
+        env = private.broker.env()
+        store = private.client()
+        instance_id = unique_id("rstall")
+        store.hset(record_key(instance_id), mapping={
+            "instance_id": instance_id, "status": "BUILD", "request_id": f"req-{instance_id}", "boot": "none",
+            "datastore": "noop", "created_at": "1", "boot_delay_s": "0", "ping_deadline_s": "1",
+            "prepare_deadline_s": "1", "users": "[]", "databases": "[]", "config": "{}"})
+        store.zadd(INFLIGHT_KEY, {instance_id: 1.0})
+        node = RabbitBroker(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"],
+                            api=env.get("BERTH_RABBITMQ_API"))
+        conn = connect(env["CELERY_BROKER_URL"])
+        try:
+            channel = conn.channel()
+            channel.queue_declare(STEPS_QUEUE, durable=True)
+            channel.basic_publish(amqp.Message("{}", content_type="application/json"), "", STEPS_QUEUE)
+            wait_until(lambda: not node.nothing_ready(STEPS_QUEUE), 10, message="the step is queued")
+            assert reconcile(node, store, 30.0) == [], "a step waiting in taskmanager.steps: slow, not lost"
+            channel.queue_purge(STEPS_QUEUE)
+        finally:
+            conn.close()
+        assert reconcile(node, store, 30.0) == [instance_id], "no step anywhere: lost, resumed"
+    finally:
+        private.close()
