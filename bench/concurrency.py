@@ -264,7 +264,8 @@ def queue_list_names() -> list[str]:
 def amqp_depth() -> Any:
     """RabbitMQ: a reader of the ready messages of each taskmanager queue (a passive declare each)."""
     from berth.brokers.rabbitmq.queues import Topology
-    from tasks.runtime import app, taskmanager_queues
+    from tasks import app
+    from tasks.runtime import taskmanager_queues
 
     topology = Topology(app.conf.broker_url, app.conf.berth_queue_type)
 
