@@ -196,7 +196,9 @@ def wave_lines(title: str, conc: dict[str, Any]) -> list[str]:
             + (f"), against {bare_ms:.1f} ms for a bare task" if bare_ms else ")")
             + f". The two cores are shared with the broker, the fleet process that plays {conc['wave']['instances']}"
             " guests, and the benchmark's own probe and event reader; the bare task rate is measured without the"
-            " fleet.")
+            " fleet. Its floor is 1/4 of the bare rate (four tasks per provisioning, each at least a bare task's"
+            " slot), less what the fleet takes of the cores; the steps' slot time above a bare task's, their"
+            " round trips, is what stands between this run and it.")
     cpu = conc["wave"].get("taskmanager_cpu_ms_per_provisioning")
     per_task = conc["bare"].get("taskmanager_cpu_ms_per_task")
     if cpu and per_task:
