@@ -143,10 +143,10 @@ GUEST_API_QUEUE = "guestapi"
 #   (tasks/signals.py); RabbitMQ delivers from the two in turn.
 STEP_PRIORITY = 6
 berth_steps_queue = STEPS_QUEUE if _ON_RABBITMQ else task_default_queue
-_STEP_ROUTE = {"queue": berth_steps_queue} if _ON_RABBITMQ else {"queue": task_default_queue, "priority": STEP_PRIORITY}
+_STEP_PRIORITY = {} if _ON_RABBITMQ else {"priority": STEP_PRIORITY}
 task_routes = {
     **{f"workflows.{operation}": {"queue": GUEST_API_QUEUE} for operation in OPERATIONS},
-    **{step_task_name(step): dict(_STEP_ROUTE) for step in ROUTED_STEPS},
+    **{step_task_name(step): {"queue": berth_steps_queue, **_STEP_PRIORITY} for step in ROUTED_STEPS},
 }
 task_acks_late = True
 task_reject_on_worker_lost = True

@@ -53,8 +53,7 @@ def next_step(record: InstanceRecord) -> str | None:
     return None
 
 
-def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: float | None = None,
-              queues: tuple[str, ...] | None = None) -> list[str]:
+def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: float | None = None) -> list[str]:
     """Resume every stalled chain; return the ids of the instances resumed.
 
     ``client``: the Redis of the instance records; ``broker``: where the steps' messages are.
@@ -65,7 +64,7 @@ def reconcile(broker: Broker, client: redis.Redis, stall_after_s: float, now: fl
     now = time.time() if now is None else now
     stalled = cast(list[tuple[Any, float]],
                    client.zrange(INFLIGHT_KEY, "-inf", now - stall_after_s, byscore=True, withscores=True))
-    if not stalled or not all(broker.queue_empty(queue) for queue in queues or taskmanager_queues()):
+    if not stalled or not all(broker.queue_empty(queue) for queue in taskmanager_queues()):
         return []
     records = Records(client)
     claim = client.register_script(_CLAIM)
