@@ -113,11 +113,11 @@ bench: setup rabbitmq
 	$(PY) -m bench.run
 
 # Not part of `make test` nor of `make bench`: 1,000 and 10,000 connected idle guests on Redis, then on a
-# private RabbitMQ node (about 15 minutes); their blocks of BENCHMARKS.md. IDLE_GUESTS=1000,10000 to choose.
+# private RabbitMQ node (about 20 minutes); their blocks of BENCHMARKS.md. IDLE_GUESTS=1000,10000 to choose.
 IDLE_GUESTS ?= 1000,10000
 bench-idle: setup rabbitmq
-	$(PY) -m bench.idle --broker redis --guests $(IDLE_GUESTS) --write BENCHMARKS.md
-	$(PY) -m bench.idle --broker rabbitmq --guests $(IDLE_GUESTS) --write BENCHMARKS.md
+	$(PY) -m bench.idle --broker redis --guests $(IDLE_GUESTS) --window 60 --write BENCHMARKS.md
+	$(PY) -m bench.idle --broker rabbitmq --guests $(IDLE_GUESTS) --window 60 --write BENCHMARKS.md
 
 # Not part of `make test`: 1,000 provision/delete cycles with crashes (about 20-30 minutes).
 # BROKER=redis|rabbitmq|cluster, CYCLES=N; CHAOS_EVERY=S crashes the taskmanager and the broker every ~S seconds.

@@ -149,6 +149,15 @@ def ceiling(on_rabbitmq: bool) -> int:
     return (hard - RESERVED_FDS) // per_guest
 
 
+def settling_s(on_rabbitmq: bool) -> float:
+    """How long after the guests connect their cost is that of idle guests."""
+    if not on_rabbitmq:
+        return 2.0
+    from devtools.rabbitmq import STATS_INTERVAL_S
+
+    return STATS_INTERVAL_S + 2.0
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -277,14 +286,32 @@ def connections(store: Any, users: set[str], admin: Any = None) -> dict[str, Any
         if client.get("user") in seen:
             seen[client["user"]]["redis_connections"] += 1
     if admin is not None:
+        amqp = amqp_connections(admin, users)
+        for user in users:
+            seen[user].update(amqp.get(user, {}))
+    return seen
+
+
+def amqp_connections(admin: Any, users: set[str]) -> dict[str, dict[str, Any]]:
+    """Each user's AMQP connection and channel as the management database describes them, once it
+    has collected a channel's figures for every user: a node emits and collects them every
+    ``STATS_INTERVAL_S`` (devtools/rabbitmq.py), so that takes up to two intervals."""
+    from devtools.rabbitmq import STATS_INTERVAL_S
+
+    deadline = time.monotonic() + 2 * STATS_INTERVAL_S + 15
+    while True:
+        seen: dict[str, dict[str, Any]] = collections.defaultdict(dict)
         for conn in admin.call("GET", "/api/connections"):
-            if conn.get("user") in seen:
+            if conn.get("user") in users:
                 seen[conn["user"]].update(amqp_heartbeat_s=conn.get("timeout"), channels=conn.get("channels"))
         for channel in admin.call("GET", "/api/channels"):
-            if channel.get("user") in seen:
+            if channel.get("user") in users:
                 seen[channel["user"]].update(global_prefetch=channel.get("global_prefetch_count"),
                                             consumers=channel.get("consumer_count"))
-    return seen
+        complete = all(seen[user].get("consumers") is not None and seen[user].get("channels") for user in users)
+        if complete or time.monotonic() > deadline:
+            return dict(seen)
+        time.sleep(1)
 
 
 def calibrate(stack: BenchStack, store: Any, settings: AgentSettings, seconds: float) -> dict[str, Any]:
@@ -348,7 +375,9 @@ def run(broker: str, guests: int, window_s: float, ping_count: int, calibrate_s:
             started = time.monotonic()
             fakes.wait_connected(600)
             result["connect_s"] = round(time.monotonic() - started, 1)
-            time.sleep(2)
+            # RabbitMQ's management database takes in every new connection, channel, consumer and
+            # queue at its next collection, once: idle means after it.
+            time.sleep(settling_s(stack.on_rabbitmq))
             result["polling"] = window(probe, store, window_s)
             fakes.heartbeats(True)
             time.sleep(settings.heartbeat_interval_s)  # every fake has begun its reports

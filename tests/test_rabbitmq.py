@@ -143,6 +143,30 @@ def test_a_guest_user_holds_at_most_a_few_connections(new_id: Callable[[str], st
     assert len(held) < 3
 
 
+def test_a_guests_connections_are_seen_and_closed_the_moment_they_open(new_id: Callable[[str], str]) -> None:
+    """The broker's connection tracking, not its statistics (collected every STATS_INTERVAL_S):
+    a connection opened a moment ago is listed, with where it comes from, and closed."""
+    instance_id = new_id("rseen")
+    url = provisioned(instance_id)["CELERY_BROKER_URL"]
+    user = f"guest.{instance_id}"
+    [agent] = admin().connections_by(user)
+    assert (agent["peer_host"], agent["ssl"]) == ("127.0.0.1", False), agent
+    extra = connect(url)
+    try:
+        # Far sooner than the statistics database would show it (STATS_INTERVAL_S, 30 s).
+        wait_until(lambda: len(admin().connections_by(user)) == 2, 3, message="the new connection listed")
+        assert admin().close_connections(user) == 2
+        with pytest.raises(REFUSED):
+            extra.channel().basic_qos(0, 1, False)  # the broker has closed it
+        wait_until(lambda: not {agent["name"]} & {c["name"] for c in admin().connections_by(user)}, 15,
+                   message="the agent's connection closed")
+    finally:
+        try:
+            extra.close()
+        except Exception:  # noqa: BLE001 - closed by the broker already
+            pass
+
+
 def test_a_publish_to_a_queue_that_vanished_raises_instead_of_vanishing(new_id: Callable[[str], str]) -> None:
     instance_id = new_id("rgone")
     rabbit().declare_guest_queue(instance_id)

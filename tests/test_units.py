@@ -122,3 +122,16 @@ def test_a_guest_agent_loads_no_certificate_or_encryption_code_until_it_needs_it
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if m.startswith(("cryptography.x509", "cryptography.fernet", "cryptography.hazmat"))]
     assert not heavy, f"the guest agent imports {heavy}"
+
+
+@pytest.mark.parametrize(("name", "ends"), [
+    ("10.77.0.5:51234 -> 10.77.0.1:5671", (("10.77.0.5", 51234), ("10.77.0.1", 5671))),
+    ("[::1]:40000 -> [::1]:5672", (("::1", 40000), ("::1", 5672))),
+    ("::1:40000 -> ::1:5672", (("::1", 40000), ("::1", 5672))),
+    ("no arrow here", (None, None)),
+    ("host:notaport -> 127.0.0.1:5672", (None, ("127.0.0.1", 5672))),
+])
+def test_a_tracked_rabbitmq_connection_name_gives_its_two_ends(name: str, ends: tuple[Any, Any]) -> None:
+    from berth.brokers.rabbitmq.admin import connection_ends
+
+    assert connection_ends(name) == ends

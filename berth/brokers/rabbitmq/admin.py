@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import threading
+import time
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -31,6 +32,8 @@ class ManagementUnreachable(ConnectionError):
     """No address of the management API answered (a node restarting, say): retried like a broker error."""
 
 TIMEOUT_S = 10.0
+# How long the ports of the nodes' TLS listeners are trusted before they are read again.
+LISTENERS_TTL_S = 60.0
 
 
 def split_urls(broker_url: str) -> list[str]:
@@ -51,6 +54,17 @@ def api_urls(broker_url: str, configured: str | None) -> list[str]:
     return [f"http://{urlsplit(u).hostname or '127.0.0.1'}:{DEFAULT_API_PORT}" for u in split_urls(broker_url)]
 
 
+def connection_ends(name: str) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+    """((peer host, port), (broker address, port)) of a connection named ``PEER:PORT -> ADDRESS:PORT``
+    (an IPv6 address may come in brackets); None for an end that name does not give."""
+    def end(text: str) -> tuple[str, int] | None:
+        host, _, port = text.strip().rpartition(":")
+        return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+    peer, arrow, local = name.partition(" -> ")
+    return end(peer), (end(local) if arrow else None)
+
+
 class ManagementAPI:
     def __init__(self, broker_url: str, configured: str | None = None) -> None:
         first = urlsplit(split_urls(broker_url)[0])
@@ -58,6 +72,7 @@ class ManagementAPI:
         self._password = unquote(first.password or "guest")
         self.vhost = vhost_of(split_urls(broker_url)[0])
         self.bases = api_urls(broker_url, configured)
+        self._listeners: tuple[float, dict[str, set[int]]] = (0.0, {})
         self._local = threading.local()
 
     def _vh(self) -> str:
@@ -151,21 +166,49 @@ class ManagementAPI:
         return None if answer is None else {k: str(answer[k]) for k in ("configure", "write", "read")}
 
     def close_connections(self, user: str) -> int:
-        """Close every connection of ``user`` (what it holds unacknowledged goes back to its queue)."""
-        closed = 0
-        for conn in self.call("GET", "/api/connections?columns=name,user") or []:
-            if conn.get("user") == user:
-                self.call("DELETE", f"/api/connections/{quote(str(conn['name']), safe='')}", missing_ok=True)
-                closed += 1
-        return closed
+        """Close every connection of ``user`` (what it holds unacknowledged goes back to its queue);
+        how many it had. Exact: the broker's connection tracking, not the statistics database, so a
+        connection opened a moment ago is closed too."""
+        found = len(self.connections_by(user))
+        if found:
+            self.call("DELETE", f"/api/connections/username/{quote(user, safe='')}", missing_ok=True)
+        return found
 
     def connections_of(self, user: str) -> int:
         return len(self.connections_by(user))
 
     def connections_by(self, user: str) -> list[dict[str, Any]]:
-        """The AMQP connections of ``user``: each with its ``peer_host`` and ``ssl`` (True for TLS)."""
-        found = self.call("GET", "/api/connections?columns=user,peer_host,ssl") or []
-        return [dict(c) for c in found if c.get("user") == user]
+        """The AMQP connections of ``user`` now, each with its ``peer_host`` and ``ssl`` (True for TLS).
+
+        From the broker's connection tracking (``/api/connections/username/USER``: every node, at
+        once, one call whatever the number of guests), not from ``/api/connections``, which lists
+        what the statistics database has collected: up to its collection interval late, and every
+        connection of every guest. A tracked connection is named ``PEER:PORT -> ADDRESS:PORT``; it
+        uses TLS when that address and port are one of its node's ``amqp/ssl`` listeners.
+        """
+        tracked = self.call("GET", f"/api/connections/username/{quote(user, safe='')}", missing_ok=True) or []
+        found = []
+        for conn in tracked:
+            peer, local = connection_ends(str(conn.get("name") or ""))
+            found.append({"user": conn.get("user"), "node": conn.get("node"), "name": conn.get("name"),
+                          "peer_host": peer[0] if peer else None,
+                          "ssl": None if local is None else local[1] in self.tls_ports(str(conn.get("node")))})
+        return found
+
+    def tls_ports(self, node: str) -> set[int]:
+        """The ports of ``node``'s AMQP-over-TLS listeners. They change only when a node restarts
+        with another configuration: read again at most every ``LISTENERS_TTL_S``, and at once for
+        a node not seen yet."""
+        now = time.monotonic()
+        seen_at, known = self._listeners
+        if node not in known or now - seen_at > LISTENERS_TTL_S:
+            known = {}
+            for listener in (self.call("GET", "/api/overview?columns=listeners") or {}).get("listeners") or []:
+                ports = known.setdefault(str(listener.get("node")), set())
+                if listener.get("protocol") == "amqp/ssl":
+                    ports.add(int(listener.get("port")))
+            self._listeners = (now, known)
+        return known.get(node, set())
 
     def whoami(self) -> dict[str, Any]:
         return dict(self.call("GET", "/api/whoami") or {})
