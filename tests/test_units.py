@@ -135,3 +135,26 @@ def test_a_tracked_rabbitmq_connection_name_gives_its_two_ends(name: str, ends: 
     from berth.brokers.rabbitmq.admin import connection_ends
 
     assert connection_ends(name) == ends
+
+
+def test_a_nacked_publish_is_told_apart_from_a_broker_that_is_down() -> None:
+    from amqp.exceptions import MessageNacked
+    from kombu.exceptions import OperationalError
+
+    from workflows import nacked
+
+    def raised(exc: BaseException, cause: BaseException | None) -> BaseException:
+        try:
+            try:
+                raise cause if cause is not None else exc
+            except BaseException as inner:
+                if cause is None:
+                    raise
+                raise exc from inner
+        except BaseException as caught:  # noqa: BLE001 - the exception as code sees it
+            return caught
+
+    assert nacked(raised(MessageNacked(), None))
+    assert nacked(raised(OperationalError(), MessageNacked()))  # what Celery raises after its own retries
+    assert not nacked(raised(OperationalError("[Errno 111] Connection refused"), ConnectionRefusedError(111, "x")))
+    assert not nacked(raised(ValueError("bad"), None))

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from celery import chain
 
 from berth.errors import InstanceNotFound, InvalidField, from_invalid_field
@@ -83,9 +84,37 @@ def submit(instance_id: str, **request: Any) -> str:
     return request_id
 
 
+# A publish the broker refused (a quorum queue electing a new leader after losing a node) is sent
+# again, with this much backoff, for this long: the broker answered, so it is up.
+NACK_RETRY_S = (0.1, 1.0)
+NACK_DEADLINE_S = 30.0
+
+
+def nacked(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or what caused it, is the broker refusing a publish (basic.nack)."""
+    while exc is not None:
+        if isinstance(exc, MessageNacked):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def send_request(task: str, args: list[Any], kwargs: dict[str, Any], request_id: str) -> None:
-    """Publish a request (`workflows.provision`, `workflows.delete`; workflows/tasks.py), its id the request's."""
-    app.send_task(task, args=args, kwargs=kwargs, task_id=request_id)
+    """Publish a request (`workflows.provision`, `workflows.delete`; workflows/tasks.py), its id the request's.
+
+    A publish the broker nacked did not reach the queue: it is sent again, with the same id, until
+    NACK_DEADLINE_S (a request runs once whatever arrives twice). Any other error is raised at once.
+    """
+    deadline, delay = time.monotonic() + NACK_DEADLINE_S, NACK_RETRY_S[0]
+    while True:
+        try:
+            app.send_task(task, args=args, kwargs=kwargs, task_id=request_id)
+            return
+        except Exception as exc:
+            if not nacked(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, NACK_RETRY_S[1])
 
 
 

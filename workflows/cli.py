@@ -187,9 +187,19 @@ def cmd_guest_api(args: argparse.Namespace) -> int:
     except (InstanceNotFound, InstanceNotServing, GuestUnreachable, GuestTimeout, GuestError, QueueMissing) as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
     except BROKER_DOWN as exc:
-        raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
+        raise CliError(f"broker unreachable at {broker_name()}: {why(exc)}", EXIT_BROKER) from exc
     print(json.dumps(answer, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def why(exc: BaseException) -> str:
+    """An error's type and text, and what caused it when it says nothing itself (kombu's
+    OperationalError, say, or a nacked publish)."""
+    text = str(exc).strip()
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    cause = exc.__cause__ or exc.__context__
+    return type(exc).__name__ + (f" ({why(cause)})" if cause is not None else "")
 
 
 def broker_name() -> str:
@@ -232,7 +242,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     except InstanceExists as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
     except BROKER_DOWN as exc:
-        raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
+        raise CliError(f"broker unreachable at {broker_name()}: {why(exc)}", EXIT_BROKER) from exc
     sent = app.AsyncResult(request_id)
     print(f"provisioning {spec.instance_id} (request {request_id})", flush=True)
     if not args.wait:
@@ -427,7 +437,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     try:
         request_id = submit_delete(instance_id)
     except BROKER_DOWN as exc:
-        raise CliError(f"broker unreachable at {broker_name()}: {exc}", EXIT_BROKER) from exc
+        raise CliError(f"broker unreachable at {broker_name()}: {why(exc)}", EXIT_BROKER) from exc
     except InstanceNotFound as exc:
         raise CliError(str(exc), EXIT_FAILED) from exc
     sent = AsyncResult(request_id, app=app)
